@@ -1,0 +1,145 @@
+"""Distributed machinery shared by every head: gathering with gradient, sharded softmax
+cross-entropy and shard arithmetic.
+
+Every function works without an initialised process group (world size 1) and with gloo or NCCL.
+Gradient convention (the one of Partial FC v2): every rank computes the same global-mean loss; the
+backward of :func:`all_gather_with_grad` sums the ranks' gradients of the gathered tensor and
+multiplies the local slice by ``world_size``, so that DDP's averaging of backbone gradients over
+ranks yields exactly the gradient of the global-mean loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional["dist.ProcessGroup"]
+
+
+def is_distributed(group: ProcessGroup = None) -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank_and_world_size(group: ProcessGroup = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``group``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------- shard arithmetic
+def contiguous_shard(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, count)`` of rank's contiguous share of ``total`` items (arcface_torch's Partial FC split)."""
+    base, extra = divmod(int(total), int(world_size))
+    count = base + int(rank < extra)
+    start = base * rank + min(rank, extra)
+    return start, count
+
+
+def owner_shard(labels: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Owner shard of each class: ``label mod world_size`` (the memory heads' split)."""
+    return torch.remainder(labels, world_size)
+
+
+# ----------------------------------------------------------------------------- gathering
+def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0 (rank order), without gradient."""
+    if not is_distributed(group):
+        return tensor
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor, group=group)
+    return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank, ctx.world_size = rank_and_world_size(group)
+        ctx.local_size = tensor.shape[0]
+        return all_gather_no_grad(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = ctx.rank * ctx.local_size
+        local = grad[start : start + ctx.local_size] * ctx.world_size
+        return local, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Differentiable all-gather along dim 0 (see the module docstring for the gradient scale)."""
+    if not is_distributed(group):
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, group)
+
+
+class _AllReduceSumSameLoss(torch.autograd.Function):
+    """Sum over ranks; identity backward, valid because every rank back-propagates the same loss."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def all_reduce_sum_same_loss(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Differentiable sum over ranks for quantities that feed a loss every rank computes identically."""
+    if not is_distributed(group):
+        return tensor
+    return _AllReduceSumSameLoss.apply(tensor, group)
+
+
+def all_reduce_max_no_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Element-wise maximum over ranks, without gradient."""
+    if not is_distributed(group):
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def all_reduce_sum_no_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Element-wise sum over ranks, without gradient."""
+    if not is_distributed(group):
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------- softmax cross-entropy
+def sharded_softmax_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup = None
+) -> torch.Tensor:
+    """Mean softmax cross-entropy over rows whose columns are split across ranks.
+
+    ``logits``: ``(B, C_local)`` this shard's columns (any ``C_local >= 0``); ``target``: ``(B,)`` the
+    target column on this shard or ``-1``. Each row's target must be on exactly one shard. The global
+    maximum and the sum of exponentials are all-reduced; every rank returns the same loss.
+    """
+    rows = logits.shape[0]
+    with torch.no_grad():
+        if logits.shape[1] > 0:
+            row_max = logits.max(dim=1).values
+        else:
+            row_max = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
+        row_max = all_reduce_max_no_grad(row_max, group)
+    shifted = logits - row_max.unsqueeze(1)
+    sum_exp = shifted.exp().sum(dim=1)
+    has_target = target >= 0
+    target_shifted = shifted.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1) if logits.shape[1] else None
+    if target_shifted is None:
+        target_shifted = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
+    target_shifted = torch.where(has_target, target_shifted, torch.zeros_like(target_shifted))
+    reduced = all_reduce_sum_same_loss(torch.stack([sum_exp, target_shifted]), group)
+    return (reduced[0].log() - reduced[1]).mean()

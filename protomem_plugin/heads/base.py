@@ -1,0 +1,138 @@
+"""What every head shares: the arcface_torch constructor, input checks, gathering, diagnostics."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import distributed as D
+
+MarginLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteEmbeddingError(ValueError):
+    """Raised when a batch carries NaN or Inf embeddings; nothing has been written by then."""
+
+
+class Head(nn.Module):
+    """Base class of the classification heads.
+
+    Constructor ``(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False, **options)``
+    and ``forward(local_embeddings, local_labels, **extras) -> scalar loss`` as arcface_torch's
+    ``PartialFC_V2``. ``options`` (a class attribute) declares the head's own config keys as
+    ``{name: (type, default, description)}``; the registry validates them.
+    """
+
+    options: dict[str, tuple[type, object, str]] = {}
+
+    def __init__(
+        self,
+        margin_loss: MarginLoss,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        fp16: bool = False,
+        process_group: D.ProcessGroup = None,
+    ) -> None:
+        super().__init__()
+        if not callable(margin_loss):
+            raise ValueError("margin_loss must be callable as margin_loss(logits, labels)")
+        if int(embedding_size) <= 0:
+            raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        if int(num_classes) <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.margin_loss = margin_loss
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.fp16 = bool(fp16)
+        self.process_group = process_group
+        self.rank, self.world_size = D.rank_and_world_size(process_group)
+        self._last_stats: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ inputs
+    def check_local_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate shapes and dtypes of this rank's inputs; return ``(embeddings, labels as int64 (B,))``."""
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"local_embeddings must be a 2-D tensor (batch, {self.embedding_size}), got shape {shape}")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"local_embeddings have embedding size {embeddings.shape[1]}, the head expects {self.embedding_size}"
+            )
+        if not embeddings.is_floating_point():
+            raise ValueError(f"local_embeddings must be floating point, got {embeddings.dtype}")
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"local_labels must hold one label per embedding: {embeddings.shape[0]} embeddings, "
+                f"labels of shape {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"local_labels must be integers, got {labels.dtype}")
+        return embeddings, labels.long()
+
+    def check_global_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Checks on the gathered batch (identical on every rank, so every rank raises alike)."""
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            value = int(labels[bad][0])
+            raise ValueError(f"label {value} is outside [0, num_classes={self.num_classes})")
+        if not bool(torch.isfinite(embeddings.detach()).all()):
+            rows = torch.nonzero(~torch.isfinite(embeddings.detach()).all(dim=1)).squeeze(1)
+            raise NonFiniteEmbeddingError(
+                f"non-finite embeddings in global batch rows {rows[:8].tolist()}; the head state was not changed"
+            )
+
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-gather embeddings (with gradient) and labels from every rank."""
+        return (
+            D.all_gather_with_grad(embeddings, self.process_group),
+            D.all_gather_no_grad(labels, self.process_group),
+        )
+
+    def autocast(self, device: torch.device):
+        """Low-precision context for the logit matmul when the head was built with ``fp16=True``."""
+        if not self.fp16:
+            return nullcontext()
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ diagnostics
+    stat_names: tuple[str, ...] = ()
+    stat_reductions: tuple[str, ...] = ()
+
+    def record_stats(self, values: list[torch.Tensor | float], device: torch.device) -> None:
+        """Keep this step's raw statistics on ``device`` (reduced lazily by :meth:`diagnostics`)."""
+        self._last_stats = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(()) for v in values]
+        )
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-step diagnostics of the last forward as floats, reduced over ranks.
+
+        Collective in distributed runs: every rank must call it at the same step.
+        """
+        if self._last_stats is None:
+            return {}
+        stats = self._last_stats
+        out: dict[str, float] = {}
+        sums = D.all_reduce_sum_no_grad(stats, self.process_group)
+        maxes = D.all_reduce_max_no_grad(stats, self.process_group)
+        for i, (name, how) in enumerate(zip(self.stat_names, self.stat_reductions)):
+            if how == "sum":
+                out[name] = float(sums[i])
+            elif how == "max":
+                out[name] = float(maxes[i])
+            elif how == "same":
+                out[name] = float(stats[i])
+        return self.finish_diagnostics(out)
+
+    def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
+        """Turn reduced sums into the reported figures (means, fractions)."""
+        return raw

@@ -1,0 +1,105 @@
+"""Partial FC: class centres sharded across ranks, positives plus sampled negatives.
+
+The baseline head and the registry default. State and shapes follow arcface_torch's
+``PartialFC_V2`` (parameter ``weight`` of shape ``(num_local, embedding_size)``, contiguous class
+split), so its ``state_dict_softmax_fc`` checkpoints load here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as D
+from .base import Head, MarginLoss
+
+
+class PartialFC(Head):
+    """Sampled margin softmax over class centres; ``sample_rate`` of each shard's centres per step."""
+
+    options = {
+        "sampler_seed": (int, 0, "seed of the negative-class sampler (offset by the rank)"),
+    }
+    stat_names = ("classes_sampled", "positive_classes", "num_classes")
+    stat_reductions = ("sum", "sum", "same")
+
+    def __init__(
+        self,
+        margin_loss: MarginLoss,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        fp16: bool = False,
+        sampler_seed: int = 0,
+        process_group: D.ProcessGroup = None,
+    ) -> None:
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, process_group)
+        self.class_start, self.num_local = D.contiguous_shard(num_classes, self.rank, self.world_size)
+        self.num_sample = int(self.sample_rate * self.num_local)
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, self.embedding_size)))
+        self.sampler_seed = int(sampler_seed) + self.rank
+        self._generator: torch.Generator | None = None
+        self._pending_rng_state: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ sampling RNG (resumable)
+    def _rng(self) -> torch.Generator:
+        device = self.weight.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.sampler_seed)
+            if self._pending_rng_state is not None:
+                self._generator.set_state(self._pending_rng_state)
+                self._pending_rng_state = None
+        return self._generator
+
+    def get_extra_state(self) -> Any:
+        state = self._rng().get_state() if self.num_sample < self.num_local else torch.empty(0, dtype=torch.uint8)
+        return {"sampler_rng": state}
+
+    def set_extra_state(self, state: Any) -> None:
+        rng = state.get("sampler_rng") if isinstance(state, dict) else None
+        if rng is not None and rng.numel():
+            self._generator = None
+            self._pending_rng_state = rng.cpu()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        extra = prefix + "_extra_state"
+        if extra in missing_keys:  # arcface_torch's PartialFC_V2 checkpoints hold only `weight`
+            missing_keys.remove(extra)
+
+    # ------------------------------------------------------------------ forward
+    def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the centres used this step (all positives first choice) and remapped targets."""
+        has_target = local_targets >= 0
+        if self.num_sample >= self.num_local:
+            return torch.arange(self.num_local, device=local_targets.device), local_targets
+        positives = torch.unique(local_targets[has_target])
+        if positives.numel() >= self.num_sample:
+            index = positives
+        else:
+            score = torch.rand(self.num_local, generator=self._rng(), device=self.weight.device)
+            score[positives] = 2.0
+            index = torch.topk(score, k=self.num_sample).indices.sort().values
+        remapped = torch.full_like(local_targets, -1)
+        remapped[has_target] = torch.searchsorted(index, local_targets[has_target])
+        return index, remapped
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, **extras: Any) -> torch.Tensor:
+        local_embeddings, local_labels = self.check_local_inputs(local_embeddings, local_labels)
+        embeddings, labels = self.gather(local_embeddings, local_labels)
+        self.check_global_inputs(embeddings, labels)
+        in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
+        local_targets = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
+        with torch.no_grad():
+            index, targets = self.sample(local_targets)
+        weight = self.weight if index.numel() == self.num_local else self.weight[index]
+        with self.autocast(embeddings.device):
+            logits = F.linear(F.normalize(embeddings), F.normalize(weight))
+        logits = logits.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32).clamp(-1, 1)
+        logits = self.margin_loss(logits, targets)
+        loss = D.sharded_softmax_cross_entropy(logits, targets, self.process_group)
+        self.record_stats([index.numel(), torch.unique(labels[in_shard]).numel(), self.num_classes], embeddings.device)
+        return loss

@@ -1,0 +1,185 @@
+"""Prototype Memory (Smirnov et al., IEEE Access 2022): class prototypes generated from the batch.
+
+Per step (DESIGN.md §2): gather the global batch; for every class c of the batch
+``p_c = normalize(sum_i w_i e_i)`` over its images (``w_i = 1`` here, quality weights in QAPM);
+each shard writes the prototypes of the classes it owns (``c mod world_size``) into its slots,
+refreshing a stored class in place or evicting the oldest-written slot (empty slots first); the
+logits are cosines against every occupied slot, the slots written this step carrying gradient into
+their exemplars; then the margin loss and the sharded softmax cross-entropy.
+
+State is a function of the memory size alone: prototypes, the class of each slot and its write
+step. Finding a class among the slots is a sort plus a binary search over the shard's slots.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as D
+from .base import Head, MarginLoss
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+class PrototypeMemory(Head):
+    """Prototype Memory head: a fixed-size, sharded memory of recent class prototypes."""
+
+    options = {
+        "memory_size": (int, None, "total prototype slots over all ranks; default sample_rate * num_classes"),
+        "prototype_grad": (bool, True, "back-propagate through the batch prototypes into their exemplars"),
+    }
+    stat_names = (
+        "occupied_slots", "memory_slots", "batch_classes", "new_classes", "refreshed_classes",
+        "evicted_classes", "age_sum", "age_max",
+    )
+    stat_reductions = ("sum", "sum", "sum", "sum", "sum", "sum", "sum", "max")
+
+    def __init__(
+        self,
+        margin_loss: MarginLoss,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        fp16: bool = False,
+        memory_size: Optional[int] = None,
+        prototype_grad: bool = True,
+        process_group: D.ProcessGroup = None,
+    ) -> None:
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, process_group)
+        if memory_size is None:
+            memory_size = max(1, int(round(self.sample_rate * self.num_classes)))
+        if int(memory_size) < self.world_size:
+            raise ValueError(f"memory_size={memory_size} must be at least the world size {self.world_size}")
+        self.memory_size = int(memory_size)
+        self.prototype_grad = bool(prototype_grad)
+        _, self.num_local_slots = D.contiguous_shard(self.memory_size, self.rank, self.world_size)
+        slots = self.num_local_slots
+        self.register_buffer("memory", torch.zeros(slots, self.embedding_size))
+        self.register_buffer("slot_class", torch.full((slots,), -1, dtype=torch.int64))
+        self.register_buffer("slot_step", torch.full((slots,), -1, dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ quality hook
+    def sample_weights(
+        self, embeddings: torch.Tensor, normed: torch.Tensor, group_index: torch.Tensor, num_groups: int,
+        extras: dict[str, Any],
+    ) -> Optional[torch.Tensor]:
+        """Per-sample prototype weights (no gradient); ``None`` means equal weights."""
+        return None
+
+    # ------------------------------------------------------------------ memory update
+    def lookup_slots(self, classes: torch.Tensor) -> torch.Tensor:
+        """Slot of each class, ``-1`` where the class is not stored on this shard."""
+        sorted_classes, order = torch.sort(self.slot_class)
+        pos = torch.searchsorted(sorted_classes, classes).clamp_max(self.num_local_slots - 1)
+        found = sorted_classes[pos] == classes
+        return torch.where(found, order[pos], torch.full_like(classes, -1))
+
+    @torch.no_grad()
+    def write_prototypes(self, classes: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Store ``prototypes`` of ascending unique ``classes`` (this shard's); return their slots.
+
+        A stored class is overwritten in place; new classes, in ascending class id, take the slots of
+        smallest ``(write step, slot index)`` (empty slots first), the slots refreshed this step excluded.
+        """
+        count = classes.numel()
+        if count > self.num_local_slots:
+            raise ValueError(
+                f"memory_size={self.memory_size} is too small for one global batch: shard {self.rank} "
+                f"received {count} classes this step but holds {self.num_local_slots} slots"
+            )
+        slots = self.lookup_slots(classes)
+        new = slots < 0
+        num_new = int(new.sum())
+        evicted = torch.zeros((), dtype=torch.int64, device=classes.device)
+        if num_new:
+            order = torch.arange(self.num_local_slots, device=classes.device)
+            key = (self.slot_step + 1) * self.num_local_slots + order
+            key[slots[~new]] = _INT64_MAX
+            chosen = torch.topk(key, num_new, largest=False, sorted=True).indices
+            evicted = (self.slot_class[chosen] >= 0).sum()
+            slots[new] = chosen
+        self.memory[slots] = prototypes.to(self.memory.dtype)
+        self.slot_class[slots] = classes
+        self.slot_step[slots] = self.step
+        return slots, {"new": torch.tensor(num_new), "refreshed": torch.tensor(count - num_new), "evicted": evicted}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, **extras: Any) -> torch.Tensor:
+        local_embeddings, local_labels = self.check_local_inputs(local_embeddings, local_labels)
+        extras = self.gather_extras(local_embeddings, extras)
+        embeddings, labels = self.gather(local_embeddings, local_labels)
+        self.check_global_inputs(embeddings, labels)
+        if embeddings.dtype != torch.float64:
+            embeddings = embeddings.float()
+        normed = F.normalize(embeddings, dim=1)
+
+        classes, group_index = torch.unique(labels, sorted=True, return_inverse=True)
+        weights = self.sample_weights(embeddings, normed, group_index, classes.numel(), extras)
+        weighted = normed if weights is None else normed * weights.to(normed.dtype).unsqueeze(1)
+        owned = D.owner_shard(classes, self.world_size) == self.rank
+        sums = torch.zeros(classes.numel(), normed.shape[1], dtype=normed.dtype, device=normed.device)
+        sums = sums.index_add(0, group_index, weighted)
+        prototypes = F.normalize(sums[owned], dim=1)
+        if not self.prototype_grad:
+            prototypes = prototypes.detach()
+
+        slots, counts = self.write_prototypes(classes[owned], prototypes.detach())
+        logits, written_columns, ages = self.cosine_logits(normed, prototypes, slots)
+
+        owned_position = torch.cumsum(owned.long(), 0) - 1
+        sample_owned = owned[group_index]
+        targets = torch.full_like(labels, -1)
+        targets[sample_owned] = written_columns[owned_position[group_index[sample_owned]]]
+        logits = self.margin_loss(logits, targets)
+        loss = D.sharded_softmax_cross_entropy(logits, targets, self.process_group)
+        self.step += 1
+        self.record_stats(
+            [ages.numel(), self.num_local_slots, int(owned.sum()), counts["new"], counts["refreshed"],
+             counts["evicted"], ages.sum(), ages.max() if ages.numel() else 0],
+            embeddings.device,
+        )
+        return loss
+
+    def gather_extras(self, local_embeddings: torch.Tensor, extras: dict[str, Any]) -> dict[str, Any]:
+        """Gather per-sample extras the head uses (none for PM)."""
+        return {}
+
+    def cosine_logits(
+        self, normed: torch.Tensor, prototypes: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cosines against the occupied slots; columns of ``slots`` use the attached ``prototypes``.
+
+        Returns the logits, the column of each written slot and the ages of the occupied slots.
+        """
+        occupied = self.slot_class >= 0
+        if bool(occupied.all()):
+            stored = self.memory
+            column_of_slot = torch.arange(self.num_local_slots, device=slots.device)
+            slot_steps = self.slot_step
+        else:
+            index = torch.nonzero(occupied).squeeze(1)
+            stored = self.memory[index]
+            column_of_slot = torch.cumsum(occupied.long(), 0) - 1
+            slot_steps = self.slot_step[index]
+        columns = column_of_slot[slots]
+        with self.autocast(normed.device):
+            logits = normed @ stored.to(normed.dtype).t()
+            fresh = normed @ prototypes.t()
+        out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
+        logits = logits.to(out_dtype).index_copy(1, columns, fresh.to(out_dtype))
+        return logits, columns, self.step - slot_steps
+
+    def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
+        occupied = max(raw["occupied_slots"], 1.0)
+        return {
+            "memory_fill": raw["occupied_slots"] / max(raw["memory_slots"], 1.0),
+            "batch_classes": raw["batch_classes"],
+            "new_classes": raw["new_classes"],
+            "refreshed_classes": raw["refreshed_classes"],
+            "evicted_classes": raw["evicted_classes"],
+            "slot_age_mean": raw["age_sum"] / occupied,
+            "slot_age_max": raw["age_max"],
+        }

@@ -1,0 +1,159 @@
+"""The training loader entry point and the contract shared by the DALI and PyTorch loaders.
+
+Every loader yields ``(images, labels)``: images float32 NCHW normalised ``(x/255-0.5)/0.5``,
+labels int64, both on ``device``. ``len()`` is the number of batches per epoch of this rank;
+``set_epoch(e)`` selects the epoch; ``state_dict()``/``load_state_dict()`` carry the sampler
+position (batches already delivered in the epoch) for resuming inside an epoch.
+Horizontal flips are drawn per image from ``(seed, epoch, rank)`` so both loaders flip the same
+images and a resumed run flips as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .recordio import InsightFaceRec
+from .sampler import GroupedBatchSampler
+
+__all__ = ["TrainLoader", "build_train_loader", "normalize_batch"]
+
+_FLIP_STREAM = 0xF11  # separates the flip random stream from the sampler's
+
+
+def normalize_batch(images_uint8_nhwc: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 NHWC RGB -> float32 NCHW ``(x/255-0.5)/0.5`` on ``device``."""
+    images = images_uint8_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return images.div_(127.5).sub_(1.0).contiguous()
+
+
+class TrainLoader:
+    """Base class: epoch/position bookkeeping over a :class:`GroupedBatchSampler`.
+
+    Subclasses implement ``_iterate(batches, flips)`` that yields one ``(images, labels)`` per row
+    of ``batches`` (positions into ``rec.image_keys``).
+    """
+
+    def __init__(
+        self,
+        rec: InsightFaceRec,
+        sampler: GroupedBatchSampler,
+        *,
+        device: str | torch.device = "cpu",
+        image_size: int = 112,
+        random_flip: bool = True,
+    ):
+        self.rec = rec
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.image_size = int(image_size)
+        self.random_flip = bool(random_flip)
+        self._position = 0
+        self._resume_from: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.rec.num_classes
+
+    @property
+    def num_images(self) -> int:
+        return len(self.rec.image_keys)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rec.labels
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; the next iteration starts at its first batch."""
+        self.sampler.set_epoch(epoch)
+        self._position = 0
+        self._resume_from = None
+
+    def state_dict(self) -> dict:
+        """``{"epoch", "position", "seed"}`` with ``position`` = batches delivered in this epoch."""
+        return {"epoch": self.sampler.epoch, "position": self._position, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume after ``state["position"]`` batches of ``state["epoch"]``."""
+        self.sampler.load_state_dict(state)
+        self._position = int(state["position"])
+        self._resume_from = self._position
+
+    def flips(self, epoch: int) -> np.ndarray:
+        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``."""
+        shape = (len(self.sampler), self.sampler.batch_size)
+        if not self.random_flip:
+            return np.zeros(shape, dtype=bool)
+        rng = np.random.default_rng([self.sampler.seed, int(epoch), self.sampler.rank, _FLIP_STREAM])
+        return rng.random(shape) < 0.5
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = self._resume_from if self._resume_from is not None else 0
+        self._resume_from = None
+        epoch = self.sampler.epoch
+        batches = self.sampler.epoch_batches(epoch)[start:]
+        flips = self.flips(epoch)[start:]
+        self._position = start
+        for images, labels in self._iterate(batches, flips):
+            self._position += 1
+            yield images, labels
+
+    def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def build_train_loader(
+    rec_dir: str,
+    batch_size: int,
+    *,
+    samples_per_class: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 2048,
+    use_dali: bool = False,
+    dali_aug: bool = False,
+    num_workers: int = 2,
+    device: str = "cpu",
+    image_size: int = 112,
+    random_flip: bool = True,
+    drop_last: bool = True,
+    dali_num_threads: int | None = None,
+    prefetch: int = 2,
+) -> TrainLoader:
+    """Training loader over an InsightFace-layout folder (``train.rec``/``train.idx``/``property``).
+
+    ``use_dali`` selects the NVIDIA DALI pipeline (GPU decoding when ``device`` is CUDA, CPU
+    otherwise) with optional ``dali_aug`` augmentations; else a PyTorch DataLoader with OpenCV
+    decoding and ``num_workers`` processes. ``batch_size`` is per rank.
+    """
+    rec = InsightFaceRec(rec_dir)
+    sampler = GroupedBatchSampler(
+        rec.labels,
+        batch_size,
+        samples_per_class=samples_per_class,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=drop_last,
+    )
+    common = dict(device=device, image_size=image_size, random_flip=random_flip)
+    if use_dali:
+        from .dali import DaliTrainLoader
+
+        return DaliTrainLoader(
+            rec, sampler, dali_aug=dali_aug, num_threads=dali_num_threads, prefetch=prefetch, **common
+        )
+    if dali_aug:
+        raise ValueError("dali_aug needs use_dali=True")
+    from .datasets import TorchTrainLoader
+
+    return TorchTrainLoader(rec, sampler, num_workers=num_workers, prefetch=prefetch, **common)

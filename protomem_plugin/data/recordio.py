@@ -1,0 +1,517 @@
+"""MXNet RecordIO (.rec/.idx) reading and writing without mxnet.
+
+Record framing (little-endian): ``uint32 magic 0xced7230a``, ``uint32 lrec`` (upper 3 bits:
+cflag 0 whole record / 1 first part / 2 middle part / 3 last part; lower 29 bits: part length),
+the part bytes, zero padding to a multiple of 4. A writer splits a payload wherever the magic word
+occurs at a 4-byte aligned position of the payload; the word itself is dropped and the reader puts
+it back between the parts.
+
+Record payload: ``IRHeader`` packed as ``<IfQQ`` (flag, label, id, id2); when ``flag > 0`` the
+label is a vector of ``flag`` float32 values that follows the header. Then the encoded image.
+
+The ``.idx`` file holds text lines ``key<TAB>offset``. When it is missing, :class:`IndexedRecordIO`
+rebuilds the index by scanning the ``.rec`` (keys are then the record numbers 0, 1, 2, ...,
+which is how InsightFace and ``im2rec`` number their records) and warns.
+
+InsightFace layout (``train.rec``/``train.idx``/``property`` in one folder): key 0 is a header
+record with ``flag > 0`` whose labels are ``(first identity-record key, end key)``; images are at
+keys ``1 .. label[0]-1``; identity records ``label[0] .. label[1]-1`` each hold the image key
+range ``[start, end)`` of one identity and an empty payload. Datasets without that header
+(flag 0 at key 0) are read as "every key is an image". ``property`` holds
+``num_classes,height,width``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LEN_MASK = (1 << 29) - 1
+_IR_FORMAT = "<IfQQ"
+_IR_SIZE = struct.calcsize(_IR_FORMAT)
+
+__all__ = [
+    "MAGIC",
+    "RecordIOError",
+    "IRHeader",
+    "pack_record",
+    "unpack_record",
+    "RecordIOWriter",
+    "IndexedRecordIO",
+    "InsightFaceRec",
+    "read_property",
+    "write_property",
+    "read_index",
+    "scan_record_offsets",
+]
+
+
+class RecordIOError(ValueError):
+    """A .rec/.idx/property file is malformed; the message names the file and the key."""
+
+
+class IRHeader(NamedTuple):
+    """Image record header: ``flag`` (0, or number of float labels), ``label``, ``id``, ``id2``."""
+
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def pack_record(header: IRHeader, payload: bytes) -> bytes:
+    """Pack an :class:`IRHeader` and a payload into record bytes (without RecordIO framing).
+
+    A scalar ``label`` is stored in the header (flag 0); a sequence is stored as ``flag``
+    float32 values after the header.
+    """
+    label = header.label
+    if np.ndim(label) == 0:
+        head = struct.pack(_IR_FORMAT, 0, float(label), int(header.id), int(header.id2))
+        return head + bytes(payload)
+    vector = np.asarray(label, dtype="<f4").ravel()
+    if vector.size == 0:
+        raise ValueError("IRHeader.label must be a number or a non-empty sequence")
+    head = struct.pack(_IR_FORMAT, vector.size, 0.0, int(header.id), int(header.id2))
+    return head + vector.tobytes() + bytes(payload)
+
+
+def unpack_record(record: bytes) -> tuple[IRHeader, bytes]:
+    """Split record bytes into its :class:`IRHeader` and the remaining payload."""
+    if len(record) < _IR_SIZE:
+        raise RecordIOError(f"record of {len(record)} bytes is shorter than the {_IR_SIZE}-byte IRHeader")
+    flag, label, id1, id2 = struct.unpack_from(_IR_FORMAT, record, 0)
+    if flag > 0:
+        end = _IR_SIZE + 4 * flag
+        if len(record) < end:
+            raise RecordIOError(f"record declares {flag} float labels but holds only {len(record)} bytes")
+        vector = np.frombuffer(record, dtype="<f4", count=flag, offset=_IR_SIZE).astype(np.float32)
+        return IRHeader(flag, vector, id1, id2), bytes(record[end:])
+    return IRHeader(flag, label, id1, id2), bytes(record[_IR_SIZE:])
+
+
+def _aligned_magic_positions(data: bytes) -> np.ndarray:
+    words = np.frombuffer(data, dtype="<u4", count=len(data) // 4)
+    return np.flatnonzero(words == MAGIC) * 4
+
+
+class RecordIOWriter:
+    """Sequential writer of a ``.rec`` file and its ``.idx`` (``key<TAB>offset`` lines).
+
+    Usable as a context manager. Payloads containing the magic word are split into
+    cflag 1/2/3 parts exactly as MXNet's writer does.
+    """
+
+    def __init__(self, rec_path: str, idx_path: str):
+        self.rec_path = str(rec_path)
+        self.idx_path = str(idx_path)
+        self._rec = open(self.rec_path, "wb")
+        self._idx = open(self.idx_path, "w")
+        self._offsets: dict[int, tuple[int, int]] = {}
+
+    @staticmethod
+    def frame(record: bytes) -> bytes:
+        """Return the framed on-disk bytes of one record (magic, lrec, parts, padding)."""
+        record = bytes(record)
+        if len(record) > _LEN_MASK:
+            raise ValueError(f"record of {len(record)} bytes exceeds the RecordIO limit of {_LEN_MASK}")
+        chunks = []
+        start = 0
+        for pos in _aligned_magic_positions(record):
+            cflag = 1 if start == 0 else 2
+            chunks.append((cflag, record[start:pos]))
+            start = int(pos) + 4
+        chunks.append((3 if start > 0 else 0, record[start:]))
+        out = bytearray()
+        for cflag, part in chunks:
+            out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | len(part)) + part
+            out += b"\x00" * (-len(part) % 4)
+        return bytes(out)
+
+    def write(self, key: int, record: bytes) -> None:
+        """Append one record under ``key`` (an int) and index it."""
+        key = int(key)
+        if key in self._offsets:
+            raise ValueError(f"{self.rec_path}: key {key} written twice")
+        framed = self.frame(record)
+        offset = self._rec.tell()
+        self._rec.write(framed)
+        self._idx.write(f"{key}\t{offset}\n")
+        self._offsets[key] = (offset, len(framed))
+
+    def overwrite(self, key: int, record: bytes) -> None:
+        """Replace an already written record by one with the same framed length."""
+        offset, length = self._offsets[int(key)]
+        framed = self.frame(record)
+        if len(framed) != length:
+            raise ValueError(f"{self.rec_path}: replacement for key {key} has a different length")
+        end = self._rec.tell()
+        self._rec.seek(offset)
+        self._rec.write(framed)
+        self._rec.seek(end)
+
+    def close(self) -> None:
+        if not self._rec.closed:
+            self._rec.close()
+            self._idx.close()
+
+    def __enter__(self) -> "RecordIOWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse an ``.idx`` file into (keys, offsets) int64 arrays, in file order."""
+    keys, offsets = [], []
+    with open(idx_path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                fields = line.split()
+            try:
+                key, offset = int(fields[0]), int(fields[1])
+            except (ValueError, IndexError):
+                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line!r}") from None
+            keys.append(key)
+            offsets.append(offset)
+    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+
+
+def scan_record_offsets(rec_path: str) -> np.ndarray:
+    """Offsets of every record start (cflag 0 or 1) in a ``.rec``, found by walking the frames."""
+    size = os.path.getsize(rec_path)
+    offsets = []
+    with open(rec_path, "rb") as f:
+        if size == 0:
+            return np.zeros(0, dtype=np.int64)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            pos = 0
+            while pos < size:
+                if pos + 8 > size:
+                    raise RecordIOError(f"{rec_path}: truncated frame header at offset {pos}")
+                magic, lrec = struct.unpack_from("<II", mm, pos)
+                if magic != MAGIC:
+                    raise RecordIOError(f"{rec_path}: wrong magic 0x{magic:08x} at offset {pos}")
+                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                if cflag in (0, 1):
+                    offsets.append(pos)
+                pos += 8 + length + (-length % 4)
+                if pos > size:
+                    raise RecordIOError(f"{rec_path}: record at offset {offsets[-1] if offsets else 0} is truncated")
+        finally:
+            mm.close()
+    return np.asarray(offsets, dtype=np.int64)
+
+
+class IndexedRecordIO:
+    """Random access to the records of a ``.rec`` through its ``.idx`` (the .rec is memory-mapped).
+
+    ``idx_path`` defaults to the ``.rec`` path with an ``.idx`` suffix. A missing index is rebuilt
+    in memory by scanning the .rec (keys = record numbers) with a warning, unless
+    ``rebuild_missing_index=False``, which raises :class:`FileNotFoundError` instead.
+    Offsets, magic words and lengths of all indexed records are checked when opening.
+    The object can be pickled (e.g. into DataLoader workers); the map is reopened lazily.
+    """
+
+    def __init__(self, rec_path: str, idx_path: str | None = None, *, rebuild_missing_index: bool = True):
+        self.rec_path = str(rec_path)
+        if not os.path.isfile(self.rec_path):
+            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
+        self.idx_path = str(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
+        self._size = os.path.getsize(self.rec_path)
+        if os.path.isfile(self.idx_path):
+            keys, offsets = read_index(self.idx_path)
+        elif rebuild_missing_index:
+            warnings.warn(f"{self.idx_path} is missing; rebuilding the index by scanning {self.rec_path}")
+            offsets = scan_record_offsets(self.rec_path)
+            keys = np.arange(len(offsets), dtype=np.int64)
+        else:
+            raise FileNotFoundError(f"RecordIO index not found: {self.idx_path} (for {self.rec_path})")
+        self._keys = keys
+        self._offsets = offsets
+        self._key_to_offset = dict(zip(keys.tolist(), offsets.tolist()))
+        if len(self._key_to_offset) != len(keys):
+            raise RecordIOError(f"{self.idx_path}: duplicate keys")
+        self._mm: mmap.mmap | None = None
+        self._file = None
+        self._validate()
+
+    # -- mapping -------------------------------------------------------------------------------
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            self._file = open(self.rec_path, "rb")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self._size else b""
+        return self._mm
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        state["_file"] = None
+        return state
+
+    def _validate(self) -> None:
+        offsets, keys = self._offsets, self._keys
+        if len(offsets) == 0:
+            return
+        bad = np.flatnonzero((offsets < 0) | (offsets + 8 > self._size))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.idx_path}: offset {int(offsets[i])} of key {int(keys[i])} lies past the end of "
+                f"{self.rec_path} ({self._size} bytes)"
+            )
+        buf = np.frombuffer(self._map(), dtype=np.uint8)
+        frame = buf[offsets[:, None] + np.arange(8)].copy().view("<u4")
+        magic, lrec = frame[:, 0], frame[:, 1]
+        bad = np.flatnonzero(magic != MAGIC)
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.rec_path}: wrong magic 0x{int(magic[i]):08x} at offset {int(offsets[i])} (key {int(keys[i])})"
+            )
+        lengths = (lrec & _LEN_MASK).astype(np.int64)
+        bad = np.flatnonzero(offsets + 8 + lengths > self._size)
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.rec_path}: record of key {int(keys[i])} at offset {int(offsets[i])} is truncated "
+                f"({int(lengths[i])} bytes declared, file has {self._size} bytes)"
+            )
+        cflags = lrec >> 29
+        bad = np.flatnonzero((cflags != 0) & (cflags != 1))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.idx_path}: key {int(keys[i])} points into the middle of a split record (cflag {int(cflags[i])})"
+            )
+        self._whole = cflags == 0
+        self._lengths = lengths
+
+    # -- access --------------------------------------------------------------------------------
+    @property
+    def keys(self) -> list[int]:
+        return self._keys.tolist()
+
+    @property
+    def key_array(self) -> np.ndarray:
+        return self._keys
+
+    @property
+    def offset_array(self) -> np.ndarray:
+        return self._offsets
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: int) -> bool:
+        return int(key) in self._key_to_offset
+
+    def read(self, key: int) -> bytes:
+        """Record bytes (IRHeader included) stored under ``key``; split records are joined."""
+        try:
+            offset = self._key_to_offset[int(key)]
+        except KeyError:
+            raise KeyError(f"{self.rec_path}: no record with key {key}") from None
+        return self._read_at(offset, key)
+
+    def _read_at(self, offset: int, key: int) -> bytes:
+        mm = self._map()
+        parts = []
+        pos = offset
+        while True:
+            if pos + 8 > self._size:
+                raise RecordIOError(f"{self.rec_path}: record of key {key} is truncated at offset {pos}")
+            magic, lrec = struct.unpack_from("<II", mm, pos)
+            if magic != MAGIC:
+                raise RecordIOError(f"{self.rec_path}: wrong magic 0x{magic:08x} at offset {pos} (key {key})")
+            cflag, length = lrec >> 29, lrec & _LEN_MASK
+            if pos + 8 + length > self._size:
+                raise RecordIOError(f"{self.rec_path}: record of key {key} is truncated at offset {pos}")
+            expected = (0, 1) if pos == offset else (2, 3)
+            if cflag not in expected:
+                raise RecordIOError(f"{self.rec_path}: unexpected cflag {cflag} at offset {pos} (key {key})")
+            parts.append(mm[pos + 8 : pos + 8 + length])
+            if cflag in (0, 3):
+                break
+            parts.append(_MAGIC_BYTES)
+            pos += 8 + length + (-length % 4)
+        return b"".join(parts)
+
+    def read_headers(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised (flag, first label) of the records under ``keys`` (int64 / float32 arrays)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        flags = np.zeros(len(keys), dtype=np.int64)
+        labels = np.zeros(len(keys), dtype=np.float32)
+        if len(keys) == 0:
+            return flags, labels
+        order = np.argsort(self._keys, kind="stable")
+        where = np.searchsorted(self._keys, keys, sorter=order).clip(0, len(order) - 1)
+        rows = order[where]
+        absent = np.flatnonzero(self._keys[rows] != keys)
+        if absent.size:
+            raise KeyError(f"{self.rec_path}: no record with key {int(keys[absent[0]])}")
+        offsets, lengths, whole = self._offsets[rows], self._lengths[rows], self._whole[rows]
+        fast = whole & (lengths >= _IR_SIZE + 4)
+        buf = np.frombuffer(self._map(), dtype=np.uint8)
+        if fast.any():
+            raw = buf[offsets[fast, None] + 8 + np.arange(_IR_SIZE + 4)].copy()
+            f = raw[:, 0:4].copy().view("<u4")[:, 0].astype(np.int64)
+            scalar = raw[:, 4:8].copy().view("<f4")[:, 0]
+            first = raw[:, _IR_SIZE : _IR_SIZE + 4].copy().view("<f4")[:, 0]
+            flags[fast] = f
+            labels[fast] = np.where(f > 0, first, scalar)
+        for i in np.flatnonzero(~fast):
+            header, _ = self._unpack(int(keys[i]))
+            flags[i] = header.flag
+            labels[i] = header.label[0] if header.flag > 0 else header.label
+        return flags, labels
+
+    def _unpack(self, key: int) -> tuple[IRHeader, bytes]:
+        try:
+            return unpack_record(self.read(key))
+        except RecordIOError as err:
+            raise RecordIOError(f"{self.rec_path}: key {key}: {err}") from None
+
+    def close(self) -> None:
+        if self._mm is not None and not isinstance(self._mm, bytes):
+            self._mm.close()
+        if self._file is not None:
+            self._file.close()
+        self._mm = None
+        self._file = None
+
+    def __enter__(self) -> "IndexedRecordIO":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_property(path: str) -> tuple[int, int, int]:
+    """Parse an InsightFace ``property`` file: ``num_classes,height,width``."""
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise RecordIOError(f"{path}: expected three positive integers 'num_classes,height,width', got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def write_property(path: str, num_classes: int, height: int, width: int) -> None:
+    """Write an InsightFace ``property`` file."""
+    with open(path, "w") as f:
+        f.write(f"{int(num_classes)},{int(height)},{int(width)}")
+
+
+class InsightFaceRec:
+    """An InsightFace-layout dataset folder: ``train.rec``, ``train.idx`` and optionally ``property``.
+
+    Attributes: ``image_keys`` (int64), ``labels`` (int64, aligned with ``image_keys``),
+    ``num_classes`` (from ``property``, else ``max(label)+1``), ``image_size`` ((H, W) from
+    ``property`` or None), ``identity_ranges`` ((C, 2) int64 image-key ranges ``[start, end)``
+    from the identity records, or None for headerless datasets) and ``has_header``.
+    Labels are read once, vectorised, and checked against the class count.
+    """
+
+    def __init__(self, root_dir: str, *, rec_name: str = "train"):
+        self.root_dir = str(root_dir)
+        rec_path = os.path.join(self.root_dir, rec_name + ".rec")
+        idx_path = os.path.join(self.root_dir, rec_name + ".idx")
+        self.record_io = IndexedRecordIO(rec_path, idx_path)
+        self.rec_path = rec_path
+        prop_path = os.path.join(self.root_dir, "property")
+        self.property_path = prop_path if os.path.isfile(prop_path) else None
+        prop = read_property(prop_path) if self.property_path else None
+        self.image_size = (prop[1], prop[2]) if prop else None
+
+        self.identity_ranges: np.ndarray | None = None
+        self.has_header = False
+        if 0 in self.record_io:
+            header, _ = self.record_io._unpack(0)
+            if header.flag > 0:
+                self.has_header = True
+                if header.flag < 2:
+                    raise RecordIOError(f"{rec_path}: header record (key 0) needs two labels, has {header.flag}")
+                first_id, end_id = int(header.label[0]), int(header.label[1])
+                if not 1 <= first_id <= end_id:
+                    raise RecordIOError(f"{rec_path}: header record (key 0) has invalid range {first_id}..{end_id}")
+                self.image_keys = np.arange(1, first_id, dtype=np.int64)
+                self.identity_ranges = self._read_identity_ranges(first_id, end_id)
+        if not self.has_header:
+            self.image_keys = np.sort(self.record_io.key_array)
+        missing = self.image_keys[~np.isin(self.image_keys, self.record_io.key_array)]
+        if missing.size:
+            raise RecordIOError(f"{idx_path}: image key {int(missing[0])} announced by the header is not indexed")
+
+        _, raw = self.record_io.read_headers(self.image_keys)
+        labels = raw.astype(np.int64)
+        bad = np.flatnonzero((labels != raw) | (labels < 0))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(f"{rec_path}: key {int(self.image_keys[i])} has invalid label {float(raw[i])}")
+        self.labels = labels
+        if prop:
+            self.num_classes = prop[0]
+            bad = np.flatnonzero(labels >= self.num_classes)
+            if bad.size:
+                i = int(bad[0])
+                raise RecordIOError(
+                    f"{rec_path}: key {int(self.image_keys[i])} has label {int(labels[i])} outside the "
+                    f"{self.num_classes} classes declared in {prop_path}"
+                )
+        else:
+            self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+
+    def _read_identity_ranges(self, first_id: int, end_id: int) -> np.ndarray:
+        ranges = np.zeros((end_id - first_id, 2), dtype=np.int64)
+        for row, key in enumerate(range(first_id, end_id)):
+            header, _ = self.record_io._unpack(key)
+            if header.flag < 2:
+                raise RecordIOError(f"{self.record_io.rec_path}: identity record key {key} has no key range label")
+            ranges[row] = int(header.label[0]), int(header.label[1])
+        return ranges
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    def read_record(self, key: int) -> tuple[IRHeader, bytes]:
+        """IRHeader and encoded image bytes of one record."""
+        return self.record_io._unpack(int(key))
+
+    def read_image_bytes(self, key: int) -> bytes:
+        """Encoded image bytes stored under ``key``."""
+        return self.read_record(key)[1]
+
+    def read_image(self, key: int) -> np.ndarray:
+        """Decoded RGB uint8 image (H, W, 3) under ``key``; raises RecordIOError if not an image."""
+        return decode_image(self.read_image_bytes(key), f"{self.rec_path}: key {key}")
+
+    def close(self) -> None:
+        self.record_io.close()
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Decode encoded bytes into RGB uint8 (H, W, 3) with OpenCV; ``where`` names the source in errors."""
+    import cv2
+
+    array = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(array, cv2.IMREAD_COLOR) if array.size else None
+    if image is None:
+        raise RecordIOError(f"{where}: payload of {len(data)} bytes is not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

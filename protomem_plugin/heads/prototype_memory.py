@@ -169,7 +169,7 @@ class PrototypeMemory(Head):
             logits = normed @ stored.to(normed.dtype).t()
             fresh = normed @ prototypes.t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
-        logits = logits.to(out_dtype).index_copy(1, columns, fresh.to(out_dtype))
+        logits = logits.to(out_dtype).index_copy(1, columns, fresh.to(out_dtype)).clamp(-1.0, 1.0)
         return logits, columns, self.step - slot_steps
 
     def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:

@@ -14,8 +14,9 @@ embeddings of each global batch (a small feature norm marks a hard-to-recognise 
 normalised mean of their unit embeddings is blended in as
 ``u <- normalize(ui_momentum * u + (1 - ui_momentum) * batch_u)``, before the weights of the step
 are computed; the first batch sets ``u`` directly. Every rank sees the same gathered batch, so ``u``
-is identical on all ranks. Weights never carry gradient; a class whose weights in the batch sum to
-(almost) zero falls back to equal weights.
+is identical on all ranks. Weights never carry gradient and are divided by the largest weight of their class (so equal
+weights are exactly 1 and QAPM reproduces PM bit for bit); a class whose weights all vanish falls
+back to equal weights.
 """
 from __future__ import annotations
 
@@ -139,9 +140,12 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
     def sample_weights(self, embeddings: torch.Tensor, normed: torch.Tensor, group_index: torch.Tensor,
                        num_groups: int, extras: dict[str, Any]) -> torch.Tensor:
         quality = self.raw_quality(embeddings, normed, group_index, num_groups, extras).to(normed.dtype)
-        group_sum = torch.zeros(num_groups, dtype=quality.dtype, device=quality.device).index_add(0, group_index, quality)
-        vanished = group_sum <= torch.finfo(quality.dtype).eps
-        weights = torch.where(vanished[group_index], torch.ones_like(quality), quality)
+        # scaled by the class's largest weight (the prototype is scale-free): equal weights become exactly 1
+        group_max = torch.zeros(num_groups, dtype=quality.dtype, device=quality.device)
+        group_max = group_max.scatter_reduce(0, group_index, quality, reduce="amax", include_self=False)
+        vanished = group_max <= torch.finfo(quality.dtype).eps
+        safe_max = torch.where(vanished, torch.ones_like(group_max), group_max)
+        weights = torch.where(vanished[group_index], torch.ones_like(quality), quality / safe_max[group_index])
         ui_cos = normed.detach() @ self.ui_prototype.to(normed.dtype) if int(self.ui_updates) else torch.zeros_like(quality)
         self._quality_stats = [weights.mean(), weights.std(unbiased=False), weights.min(), vanished.sum(), ui_cos.mean()]
         return weights

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .loader import TrainLoader
-from .recordio import InsightFaceRec
+from .recordio import InsightFaceRec, check_image_payload
 from .sampler import GroupedBatchSampler
 
 __all__ = ["DaliAugmentation", "DaliTrainLoader", "build_dali_pipeline"]
@@ -69,7 +69,10 @@ class _BatchFeed:
         flips = self.flips[self.next]
         self.next += 1
         keys = self.rec.image_keys[positions]
-        encoded = [np.frombuffer(self.rec.read_image_bytes(int(k)), dtype=np.uint8) for k in keys]
+        encoded = [
+            np.frombuffer(check_image_payload(self.rec.read_image_bytes(int(k)), f"{self.rec.rec_path}: key {int(k)}"), np.uint8)
+            for k in keys
+        ]
         labels = self.rec.labels[positions].astype(np.int64)
         return encoded, labels, flips.astype(np.int32)
 

@@ -50,6 +50,9 @@ __all__ = [
     "write_property",
     "read_index",
     "scan_record_offsets",
+    "image_format",
+    "check_image_payload",
+    "decode_image",
 ]
 
 
@@ -504,6 +507,34 @@ class InsightFaceRec:
 
     def close(self) -> None:
         self.record_io.close()
+
+
+_IMAGE_SIGNATURES = (
+    (0, b"\xff\xd8\xff", "jpeg"),
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (8, b"WEBP", "webp"),
+    (0, b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
+    (0, b"\xff\x4f\xff\x51", "jpeg2000"),
+)
+
+
+def image_format(data: bytes) -> str | None:
+    """Name of the image format recognised from the leading bytes of ``data``, or None."""
+    head = bytes(data[:16])
+    for offset, signature, name in _IMAGE_SIGNATURES:
+        if head[offset : offset + len(signature)] == signature:
+            return name
+    return None
+
+
+def check_image_payload(data: bytes, where: str) -> bytes:
+    """Return ``data`` if it starts like an encoded image, else raise RecordIOError naming ``where``."""
+    if image_format(data) is None:
+        raise RecordIOError(f"{where}: payload of {len(data)} bytes is not an encoded image (unknown signature {bytes(data[:4])!r})")
+    return data
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:

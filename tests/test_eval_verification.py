@@ -104,3 +104,27 @@ def test_evaluate_bin_on_hand_packed_file(tmp_path):
     assert result["accuracy"] == pytest.approx(0.95)
     assert result["std"] == pytest.approx(0.15)
     assert result["num_pairs"] == n_pairs
+
+
+def test_eval_bin_cli_matches_library(tmp_path, capsys):
+    import json
+
+    from protomem_plugin.backbones import get_model
+    from protomem_plugin.eval.cli import bin_main
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(20)]
+    bins = [cv2.imencode(".jpg", im)[1].tobytes() for im in images]
+    path = tmp_path / "set.bin"
+    with open(path, "wb") as f:
+        pickle.dump((bins, [True, False] * 5), f)
+    torch.manual_seed(0)
+    model = get_model("tiny", num_features=16).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "r.json"
+    assert bin_main([str(path), "--network", "tiny", "--weights", str(tmp_path / "model.pt"),
+                     "--num-features", "16", "--batch-size", "8", "--output", str(out)]) == 0
+    written = json.loads(out.read_text())["set"]
+    direct = evaluate_bin(model, str(path), batch_size=8)
+    assert written == pytest.approx(direct)
+    assert f"| set | 10 | {100 * direct['accuracy']:.2f} |" in capsys.readouterr().out

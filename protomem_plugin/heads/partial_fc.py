@@ -70,6 +70,18 @@ class PartialFC(Head):
         if extra in missing_keys:  # arcface_torch's PartialFC_V2 checkpoints hold only `weight`
             missing_keys.remove(extra)
 
+    # ------------------------------------------------------------------ resharding
+    def shard_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor holding one row per class (in class order)."""
+        return full[self.class_start : self.class_start + self.num_local]
+
+    def merge_shard_states(self, states: list[dict]) -> dict:
+        """This rank's state from the head states of a run on ``len(states)`` ranks (rank order)."""
+        full = torch.cat([s["weight"] for s in states])
+        if full.shape[0] != self.num_classes:
+            raise ValueError(f"checkpoint shards hold {full.shape[0]} class centres, the head expects {self.num_classes}")
+        return {"weight": self.shard_rows(full).clone()}
+
     # ------------------------------------------------------------------ forward
     def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of the centres used this step (all positives first choice) and remapped targets."""

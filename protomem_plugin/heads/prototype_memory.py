@@ -106,6 +106,31 @@ class PrototypeMemory(Head):
         self.slot_step[slots] = self.step
         return slots, {"new": torch.tensor(num_new), "refreshed": torch.tensor(count - num_new), "evicted": evicted}
 
+    # ------------------------------------------------------------------ resharding
+    def merge_shard_states(self, states: list[dict]) -> dict:
+        """This rank's state from the memory shards of a run on ``len(states)`` ranks.
+
+        The stored classes this rank owns are kept, the most recently written first when they
+        exceed its slots; they fill the first slots in (write step, class) order.
+        """
+        classes = torch.cat([s["slot_class"] for s in states])
+        steps = torch.cat([s["slot_step"] for s in states])
+        memory = torch.cat([s["memory"] for s in states])
+        keep = (classes >= 0) & (D.owner_shard(classes, self.world_size) == self.rank)
+        classes, steps, memory = classes[keep], steps[keep], memory[keep]
+        newest = torch.argsort(-steps * self.num_classes + classes)[: self.num_local_slots]
+        index = newest[torch.argsort(steps[newest] * self.num_classes + classes[newest])]
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        count = index.numel()
+        state["memory"].zero_()
+        state["memory"][:count] = memory[index].to(state["memory"].dtype)
+        state["slot_class"].fill_(-1)
+        state["slot_class"][:count] = classes[index]
+        state["slot_step"].fill_(-1)
+        state["slot_step"][:count] = steps[index]
+        state["step"] = states[0]["step"].clone()
+        return state
+
     # ------------------------------------------------------------------ forward
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, **extras: Any) -> torch.Tensor:
         local_embeddings, local_labels = self.check_local_inputs(local_embeddings, local_labels)

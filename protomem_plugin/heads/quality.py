@@ -88,6 +88,12 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         self.register_buffer("ui_updates", torch.zeros((), dtype=torch.int64))
         self._quality_stats: list[torch.Tensor] = []
 
+    def merge_shard_states(self, states: list[dict]) -> dict:
+        state = super().merge_shard_states(states)
+        state["ui_prototype"] = states[0]["ui_prototype"].clone()  # identical on every rank
+        state["ui_updates"] = states[0]["ui_updates"].clone()
+        return state
+
     # ------------------------------------------------------------------ extras
     def gather_extras(self, local_embeddings: torch.Tensor, extras: dict[str, Any]) -> dict[str, Any]:
         if self.quality_source != "external":

@@ -1,0 +1,125 @@
+"""arcface_torch-format configs: ``configs/base.py`` updated by a job file, then validated.
+
+``get_config("configs/x.py")`` loads ``base.py`` from the job file's folder (as arcface_torch's
+``get_config`` does), updates it with the job's ``config`` and fills our defaults. Every key must be
+known (arcface_torch's keys, ours, or an option of a registered head); a misspelt key stops the run
+at start-up with an error naming it.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from easydict import EasyDict as edict
+
+# keys of arcface_torch's configs/base.py and job files
+ARCFACE_TORCH_KEYS = {
+    "margin_list", "network", "resume", "save_all_states", "output", "embedding_size", "sample_rate",
+    "interclass_filtering_threshold", "fp16", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+    "verbose", "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_classes",
+    "num_image", "num_epoch", "warmup_epoch", "val_targets", "dropout",
+    # logging extras arcface_torch's base.py carries; accepted and unused here
+    "wandb_key", "suffix_run_name", "using_wandb", "wandb_entity", "wandb_project", "wandb_log_all",
+    "save_artifacts", "wandb_resume", "notes",
+}
+
+# our keys with their defaults
+PLUGIN_DEFAULTS: dict[str, Any] = {
+    "head": "partial_fc",
+    "head_options": None,
+    "samples_per_class": 2,
+    "image_size": 112,
+    "margin_scale": 64.0,
+    "margin_gradient": "straight_through",
+    "lr_power": 2.0,
+    "clip_grad_norm": 5.0,
+    "max_steps": None,            # stop after this many global steps (short runs)
+    "save_every_steps": 0,        # also write checkpoint_gpu_{rank}.pt every N steps (0: epoch ends only)
+    "max_nonfinite_steps": 5,     # consecutive non-finite losses that stop training
+    "synthetic": None,            # dict of make_synthetic_dataset arguments: generate `rec` if absent
+    "deterministic": False,       # torch.use_deterministic_algorithms + single-threaded reproducibility
+    "progress": True,             # tqdm progress bar on rank 0
+    "freeze_bn": False,           # keep BatchNorm running statistics fixed (fine-tuning, exact DDP parity)
+    "val_every_epoch": False,     # also verify at the end of every epoch
+}
+
+NETWORKS = ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the key."""
+
+
+def _load_module_config(path: Path) -> edict:
+    spec = importlib.util.spec_from_file_location(f"_protomem_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken config file
+        raise ConfigError(f"config file {path} failed to load: {exc!r}") from exc
+    if not hasattr(module, "config"):
+        raise ConfigError(f"config file {path} defines no `config = edict(...)`")
+    return edict(module.config)
+
+
+def known_keys() -> set[str]:
+    """Every config key the recipe accepts."""
+    from ..registry import head_option_names
+
+    return ARCFACE_TORCH_KEYS | set(PLUGIN_DEFAULTS) | head_option_names()
+
+
+def get_config(config_file: str | os.PathLike) -> edict:
+    """Load ``base.py`` beside ``config_file``, update it with the job config, fill defaults, validate."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    base_path = path.parent / "base.py"
+    cfg = _load_module_config(base_path) if base_path.is_file() and base_path.resolve() != path.resolve() else edict()
+    job = _load_module_config(path)
+    cfg.update(job)
+    for key, value in PLUGIN_DEFAULTS.items():
+        cfg.setdefault(key, value)
+    if cfg.get("output") is None:
+        cfg.output = os.path.join("work_dirs", path.stem)
+    cfg.config_file = str(path)
+    validate_config(cfg, source=str(path))
+    return cfg
+
+
+def validate_config(cfg: edict, source: str = "config") -> None:
+    """Raise :class:`ConfigError` naming the key for unknown keys and values that cannot run."""
+    from ..registry import available_heads, head_options_from_config
+
+    allowed = known_keys() | {"config_file"}
+    for key in cfg:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+    for key in ("rec", "num_classes", "network", "batch_size", "lr", "num_epoch", "embedding_size"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"config key {key!r} is missing in {source}")
+    if cfg.network not in NETWORKS:
+        raise ConfigError(f"config key 'network' = {cfg.network!r} in {source} is unknown; valid: {', '.join(NETWORKS)}")
+    if cfg.head not in available_heads():
+        raise ConfigError(f"config key 'head' = {cfg.head!r} in {source} is unknown; valid: {', '.join(available_heads())}")
+    try:
+        head_options_from_config(cfg, cfg.head)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    for key in ("num_classes", "batch_size", "num_epoch", "embedding_size", "samples_per_class", "gradient_acc", "image_size"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"config key {key!r} in {source} must be a positive integer, got {value!r}")
+    if cfg.batch_size % cfg.samples_per_class:
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg.batch_size}) in {source} must be a multiple of 'samples_per_class' ({cfg.samples_per_class})"
+        )
+    if cfg.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise ConfigError(f"config key 'optimizer' = {cfg.optimizer!r} in {source}; valid: sgd, adamw")

@@ -1,0 +1,248 @@
+"""The training loop: arcface_torch's train_v2 with the head from the registry.
+
+Backbone under DDP, head not wrapped (it all-gathers the embeddings itself), SGD/AdamW, linear
+warmup then polynomial decay, AMP, gradient accumulation and clipping, logging, verification,
+atomic arcface_torch-format checkpoints and step-exact resume (also on another number of ranks).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones import get_model
+from ..heads import NonFiniteEmbeddingError
+from ..losses import build_margin_loss
+from ..registry import build_head
+from .callbacks import TrainingLogger, VerificationCallback, head_diagnostics
+from .checkpoint import save_model_pt, save_training_checkpoint
+from .config import ConfigError
+from .resume import load_resume_state
+from .runtime import Runtime, capture_rng_state, init_runtime, restore_rng_state, seed_everything
+from .schedule import build_lr_scheduler, build_optimizer
+
+log = logging.getLogger("protomem.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many consecutive non-finite losses."""
+
+
+def prepare_dataset(cfg, runtime: Runtime) -> None:
+    """Generate the synthetic dataset named by ``cfg.synthetic`` into ``cfg.rec`` if absent (rank 0)."""
+    rec = Path(cfg.rec)
+    if cfg.get("synthetic"):
+        if runtime.is_main:
+            from ..data.synthetic import make_synthetic_dataset
+
+            make_synthetic_dataset(str(rec), **dict(cfg.synthetic), progress=bool(cfg.progress))
+        runtime.barrier()
+    for name in ("train.rec", "train.idx"):
+        if not (rec / name).is_file():
+            raise ConfigError(f"config key 'rec' = {cfg.rec!r}: {rec / name} does not exist")
+
+
+def build_loader(cfg, runtime: Runtime):
+    """The training loader of this rank (DALI when ``cfg.dali``), labels checked against num_classes."""
+    from ..data.loader import build_train_loader
+
+    loader = build_train_loader(
+        cfg.rec, cfg.batch_size, samples_per_class=cfg.samples_per_class, rank=runtime.rank,
+        world_size=runtime.world_size, seed=cfg.seed, use_dali=bool(cfg.dali), dali_aug=bool(cfg.dali_aug),
+        num_workers=cfg.num_workers, device=str(runtime.device), image_size=cfg.image_size,
+    )
+    max_label = int(loader.labels.max())
+    if max_label >= cfg.num_classes:
+        raise ConfigError(
+            f"config key 'num_classes' = {cfg.num_classes} is smaller than the dataset's labels "
+            f"(largest label {max_label} in {cfg.rec})"
+        )
+    return loader
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one rank trains with."""
+
+    cfg: Any
+    runtime: Runtime
+    loader: Any
+    backbone: nn.Module
+    model: nn.Module          # the backbone, DDP-wrapped when world_size > 1
+    head: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    total_steps: int
+
+
+def set_train_mode(backbone: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` BatchNorm layers keep their running statistics (eval mode)."""
+    backbone.train()
+    if freeze_bn:
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def snapshot_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of the module's buffers (BatchNorm statistics), taken before a forward pass."""
+    return [b.detach().clone() for b in module.buffers()]
+
+
+def buffers_finite(module: nn.Module) -> bool:
+    """Whether every floating buffer (BatchNorm statistics) is finite, in one fused reduction."""
+    floats = [b for b in module.buffers() if b.is_floating_point()]
+    return not floats or bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all())
+
+
+def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:
+    """Undo what a forward pass wrote into the buffers."""
+    with torch.no_grad():
+        for buffer, value in zip(module.buffers(), saved):
+            buffer.copy_(value)
+
+
+def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
+    """Dataset, loader, backbone (DDP), head, optimizer, LR schedule and loss scaler of this rank."""
+    seed_everything(int(cfg.seed), bool(cfg.deterministic))
+    prepare_dataset(cfg, runtime)
+    loader = build_loader(cfg, runtime)
+    backbone = get_model(cfg.network, dropout=float(cfg.get("dropout", 0.0)), fp16=bool(cfg.fp16),
+                         num_features=cfg.embedding_size).to(runtime.device)
+    head = build_head(cfg, build_margin_loss(cfg)).to(runtime.device).train()
+    model: nn.Module = backbone
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False, bucket_cap_mb=16)
+    set_train_mode(backbone, bool(cfg.freeze_bn))
+    optimizer = build_optimizer(cfg, backbone.parameters(), head.parameters())
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * int(cfg.num_epoch)
+    if cfg.get("max_steps"):
+        total_steps = min(total_steps, int(cfg.max_steps))
+    warmup_steps = min(int(steps_per_epoch * float(cfg.get("warmup_epoch", 0))), max(total_steps - 1, 0))
+    scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps, power=float(cfg.lr_power))
+    # fp16: the backbone trunk runs in float16 on CUDA (with loss scaling) and bfloat16 on CPU
+    scaler = torch.amp.GradScaler("cuda", growth_interval=100, enabled=bool(cfg.fp16) and runtime.device.type == "cuda")
+    return TrainingSetup(cfg, runtime, loader, backbone, model, head, optimizer, scheduler, scaler, total_steps)
+
+
+def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run the training ``cfg`` describes; returns a summary (steps, last loss, verification)."""
+    runtime = runtime or init_runtime()
+    setup = build_setup(cfg, runtime)
+    loader, backbone, head, optimizer, scheduler, scaler = (
+        setup.loader, setup.backbone, setup.head, setup.optimizer, setup.scheduler, setup.scaler)
+    total_steps = setup.total_steps
+
+    start_epoch, global_step, nonfinite_total, resumed_mid_epoch = 0, 0, 0, False
+    if cfg.resume:
+        state = load_resume_state(cfg.output, runtime, backbone, head, optimizer, scheduler, loader)
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        resumed_mid_epoch = loader.epoch == start_epoch and loader.state_dict()["position"] > 0
+        nonfinite_total = int(state.get("nonfinite_total", 0))
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+    os.makedirs(cfg.output, exist_ok=True)
+    logger = TrainingLogger(cfg.output, enabled=runtime.is_main, total_steps=total_steps, start_step=global_step,
+                            frequent=cfg.frequent, global_batch=cfg.batch_size * runtime.world_size,
+                            progress=bool(cfg.progress))
+    for key, value in sorted(cfg.items()):
+        logger.write(f": {key:<25} {value}", console=False)
+    verify = VerificationCallback(cfg.rec, cfg.get("val_targets"), cfg.image_size, runtime.device) if runtime.is_main else None
+
+    def checkpoint(epoch: int) -> None:
+        extra = {"protomem": {
+            "loader": loader.state_dict(), "rng": capture_rng_state(), "scaler": scaler.state_dict(),
+            "world_size": runtime.world_size, "global_batch": cfg.batch_size * runtime.world_size,
+            "nonfinite_total": nonfinite_total, "head": cfg.head,
+        }}
+        save_training_checkpoint(cfg.output, runtime.rank, epoch=epoch, global_step=global_step, backbone=backbone,
+                                 head=head, optimizer=optimizer, lr_scheduler=scheduler, extra=extra)
+
+    def verification_now() -> dict[str, float]:
+        result = verify(backbone, global_step, logger)
+        set_train_mode(backbone, bool(cfg.freeze_bn))
+        return result
+
+    consecutive_nonfinite = 0
+    last_loss = float("nan")
+    verification: dict[str, float] = {}
+    accumulate = int(cfg.gradient_acc)
+    try:
+        for epoch in range(start_epoch, int(cfg.num_epoch)):
+            if global_step >= total_steps:
+                break
+            if not (resumed_mid_epoch and epoch == start_epoch):
+                loader.set_epoch(epoch)
+            for images, labels in loader:
+                global_step += 1
+                buffers_before = snapshot_buffers(backbone)
+                try:
+                    loss = head(setup.model(images).float(), labels)
+                except NonFiniteEmbeddingError:
+                    loss = torch.tensor(float("nan"), device=runtime.device)
+                finite = bool(torch.isfinite(loss.detach())) and buffers_finite(backbone)
+                if finite:
+                    scaler.scale(loss / accumulate).backward()
+                    if global_step % accumulate == 0:
+                        scaler.unscale_(optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), float(cfg.clip_grad_norm))
+                        if not scaler.is_enabled() and not bool(torch.isfinite(norm)):
+                            finite = False  # no non-finite gradient reaches the weights
+                        else:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    consecutive_nonfinite = 0
+                    last_loss = float(loss.detach())
+                else:
+                    restore_buffers(backbone, buffers_before)  # BatchNorm statistics of the bad forward
+                    consecutive_nonfinite += 1
+                    nonfinite_total += 1
+                    logger.write(f"step {global_step}: non-finite loss or gradient, step skipped "
+                                 f"({consecutive_nonfinite} in a row, {nonfinite_total} in total)")
+                scheduler.step()
+                lr = scheduler.get_last_lr()[0]
+                logger.step(global_step, epoch, float(loss.detach()) if finite else float("nan"), lr, skipped=not finite)
+                if consecutive_nonfinite >= int(cfg.max_nonfinite_steps):
+                    raise NonFiniteLossError(
+                        f"{consecutive_nonfinite} consecutive non-finite losses at step {global_step}; "
+                        "training stopped (lower 'lr', check the data, or disable 'fp16')")
+                if global_step % int(cfg.frequent) == 0:
+                    logger.report(global_step, epoch, lr, head_diagnostics(head), {"nonfinite_steps": float(nonfinite_total)})
+                if verify is not None and cfg.get("verbose") and global_step % int(cfg.verbose) == 0:
+                    verification = verification_now()
+                if cfg.save_every_steps and global_step % int(cfg.save_every_steps) == 0:
+                    checkpoint(epoch)
+                if global_step >= total_steps:
+                    break
+            finished_epoch = loader.state_dict()["position"] >= len(loader)
+            if finished_epoch:
+                loader.set_epoch(epoch + 1)
+            if cfg.save_all_states or cfg.save_every_steps:
+                checkpoint(epoch + 1 if finished_epoch else epoch)
+            if runtime.is_main:
+                save_model_pt(backbone, cfg.output)
+            if verify is not None and cfg.get("val_every_epoch"):
+                verification = verification_now()
+        if runtime.is_main:
+            save_model_pt(backbone, cfg.output)
+            if verify is not None and verify.paths and not verification:
+                verification = verification_now()
+    finally:
+        logger.close()
+    return {"global_step": global_step, "last_loss": last_loss, "verification": verification,
+            "nonfinite_steps": nonfinite_total, "output": cfg.output}

@@ -4,8 +4,9 @@ Every loader yields ``(images, labels)``: images float32 NCHW normalised ``(x/25
 labels int64, both on ``device``. ``len()`` is the number of batches per epoch of this rank;
 ``set_epoch(e)`` selects the epoch; ``state_dict()``/``load_state_dict()`` carry the sampler
 position (batches already delivered in the epoch) for resuming inside an epoch.
-Horizontal flips are drawn per image from ``(seed, epoch, rank)`` so both loaders flip the same
-images and a resumed run flips as the uninterrupted run would.
+Horizontal flips are drawn per image from ``(seed, epoch)`` over the global batch, so both loaders
+flip the same images, a resumed run flips as the uninterrupted run would, and the decisions do not
+depend on how the global batch is split across ranks.
 """
 
 from __future__ import annotations
@@ -89,12 +90,16 @@ class TrainLoader:
         self._resume_from = self._position
 
     def flips(self, epoch: int) -> np.ndarray:
-        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``."""
-        shape = (len(self.sampler), self.sampler.batch_size)
+        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``.
+
+        Drawn for the whole global batch and sliced by rank, so the decisions depend on the global
+        batch alone: 2 ranks of batch 64 flip exactly the images 1 process of batch 128 flips.
+        """
+        size, world, rank = self.sampler.batch_size, self.sampler.world_size, self.sampler.rank
         if not self.random_flip:
-            return np.zeros(shape, dtype=bool)
-        rng = np.random.default_rng([self.sampler.seed, int(epoch), self.sampler.rank, _FLIP_STREAM])
-        return rng.random(shape) < 0.5
+            return np.zeros((len(self.sampler), size), dtype=bool)
+        rng = np.random.default_rng([self.sampler.seed, int(epoch), _FLIP_STREAM])
+        return (rng.random((len(self.sampler), size * world)) < 0.5)[:, rank * size : (rank + 1) * size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._resume_from if self._resume_from is not None else 0

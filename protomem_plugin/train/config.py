@@ -42,6 +42,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "synthetic": None,            # dict of make_synthetic_dataset arguments: generate `rec` if absent
     "deterministic": False,       # torch.use_deterministic_algorithms + single-threaded reproducibility
     "progress": True,             # tqdm progress bar on rank 0
+    "compute_dtype": "float32",   # "float64" for bit-level comparisons (e.g. ranks vs one process)
     "freeze_bn": False,           # keep BatchNorm running statistics fixed (fine-tuning, exact DDP parity)
     "val_every_epoch": False,     # also verify at the end of every epoch
 }
@@ -121,5 +122,7 @@ def validate_config(cfg: edict, source: str = "config") -> None:
         raise ConfigError(
             f"config key 'batch_size' ({cfg.batch_size}) in {source} must be a multiple of 'samples_per_class' ({cfg.samples_per_class})"
         )
+    if cfg.get("compute_dtype", "float32") not in ("float32", "float64"):
+        raise ConfigError(f"config key 'compute_dtype' in {source} must be 'float32' or 'float64'")
     if cfg.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise ConfigError(f"config key 'optimizer' = {cfg.optimizer!r} in {source}; valid: sgd, adamw")

@@ -79,6 +79,7 @@ class TrainingSetup:
     scheduler: Any
     scaler: torch.amp.GradScaler
     total_steps: int
+    dtype: torch.dtype
 
 
 def set_train_mode(backbone: nn.Module, freeze_bn: bool) -> None:
@@ -113,9 +114,10 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
     seed_everything(int(cfg.seed), bool(cfg.deterministic))
     prepare_dataset(cfg, runtime)
     loader = build_loader(cfg, runtime)
+    dtype = getattr(torch, cfg.compute_dtype)
     backbone = get_model(cfg.network, dropout=float(cfg.get("dropout", 0.0)), fp16=bool(cfg.fp16),
-                         num_features=cfg.embedding_size).to(runtime.device)
-    head = build_head(cfg, build_margin_loss(cfg)).to(runtime.device).train()
+                         num_features=cfg.embedding_size).to(runtime.device, dtype)
+    head = build_head(cfg, build_margin_loss(cfg)).to(runtime.device, dtype).train()
     model: nn.Module = backbone
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -131,7 +133,7 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
     scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps, power=float(cfg.lr_power))
     # fp16: the backbone trunk runs in float16 on CUDA (with loss scaling) and bfloat16 on CPU
     scaler = torch.amp.GradScaler("cuda", growth_interval=100, enabled=bool(cfg.fp16) and runtime.device.type == "cuda")
-    return TrainingSetup(cfg, runtime, loader, backbone, model, head, optimizer, scheduler, scaler, total_steps)
+    return TrainingSetup(cfg, runtime, loader, backbone, model, head, optimizer, scheduler, scaler, total_steps, dtype)
 
 
 def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -188,7 +190,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                 global_step += 1
                 buffers_before = snapshot_buffers(backbone)
                 try:
-                    loss = head(setup.model(images).float(), labels)
+                    embeddings = setup.model(images.to(setup.dtype))
+                    loss = head(embeddings if setup.dtype == torch.float64 else embeddings.float(), labels)
                 except NonFiniteEmbeddingError:
                     loss = torch.tensor(float("nan"), device=runtime.device)
                 finite = bool(torch.isfinite(loss.detach())) and buffers_finite(backbone)

@@ -118,6 +118,49 @@ def all_reduce_sum_no_grad(tensor: torch.Tensor, group: ProcessGroup = None) -> 
 
 
 # ----------------------------------------------------------------------------- softmax cross-entropy
+# One distributed softmax serves every head and both logit paths. A shard summarises its columns by
+# three per-row statistics: its maximum logit ``m`` (no gradient), ``s = sum_j exp(l_j - m)`` and the
+# target logit ``t`` (0 on rows whose target lives on another shard). The plain path computes them
+# from a materialised logit matrix (:func:`softmax_statistics`); the chunked path of
+# ``heads/chunked.py`` computes the same three values chunk by chunk. :func:`cross_entropy_from_statistics`
+# combines the shards: global max by all-reduce, sums rescaled to it and all-reduced with an identity
+# backward (every rank computes the same loss).
+def softmax_statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(max, sum of exp(logit - max), target logit)`` of this shard's ``(B, C_local)`` logits.
+
+    ``target``: ``(B,)`` target column on this shard or ``-1``. With ``C_local == 0`` the maximum is
+    ``-inf`` and the sums are 0. The maximum carries no gradient, the other two do.
+    """
+    rows = logits.shape[0]
+    if logits.shape[1] == 0:
+        row_max = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
+        zeros = logits.sum(dim=1)  # zeros that keep the graph
+        return row_max, zeros, zeros
+    with torch.no_grad():
+        row_max = logits.max(dim=1).values
+    sum_exp = (logits - row_max.unsqueeze(1)).exp().sum(dim=1)
+    has_target = target >= 0
+    target_logit = logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
+    target_logit = torch.where(has_target, target_logit, torch.zeros_like(target_logit))
+    return row_max, sum_exp, target_logit
+
+
+def cross_entropy_from_statistics(
+    row_max: torch.Tensor, sum_exp: torch.Tensor, target_logit: torch.Tensor, group: ProcessGroup = None
+) -> torch.Tensor:
+    """Mean softmax cross-entropy from every shard's per-row statistics (see :func:`softmax_statistics`).
+
+    Each row's target must be on exactly one shard. Every rank returns the same loss.
+    """
+    row_max = row_max.detach()
+    global_max = all_reduce_max_no_grad(row_max, group)
+    if not bool(torch.isfinite(global_max).all()):
+        raise ValueError("softmax cross-entropy over no columns: some rows have no logit on any shard")
+    scale = (row_max - global_max).exp()  # 0 on a shard without columns (max -inf)
+    reduced = all_reduce_sum_same_loss(torch.stack([sum_exp * scale, target_logit]), group)
+    return (reduced[0].log() + global_max - reduced[1]).mean()
+
+
 def sharded_softmax_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup = None
 ) -> torch.Tensor:
@@ -127,19 +170,4 @@ def sharded_softmax_cross_entropy(
     target column on this shard or ``-1``. Each row's target must be on exactly one shard. The global
     maximum and the sum of exponentials are all-reduced; every rank returns the same loss.
     """
-    rows = logits.shape[0]
-    with torch.no_grad():
-        if logits.shape[1] > 0:
-            row_max = logits.max(dim=1).values
-        else:
-            row_max = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
-        row_max = all_reduce_max_no_grad(row_max, group)
-    shifted = logits - row_max.unsqueeze(1)
-    sum_exp = shifted.exp().sum(dim=1)
-    has_target = target >= 0
-    target_shifted = shifted.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1) if logits.shape[1] else None
-    if target_shifted is None:
-        target_shifted = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
-    target_shifted = torch.where(has_target, target_shifted, torch.zeros_like(target_shifted))
-    reduced = all_reduce_sum_same_loss(torch.stack([sum_exp, target_shifted]), group)
-    return (reduced[0].log() - reduced[1]).mean()
+    return cross_entropy_from_statistics(*softmax_statistics(logits, target), group)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import distributed as D
+from .chunked import ColumnSource, chunked_softmax_statistics
 
 MarginLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,7 +26,9 @@ class Head(nn.Module):
     ``{name: (type, default, description)}``; the registry validates them.
     """
 
-    options: dict[str, tuple[type, object, str]] = {}
+    options: dict[str, tuple[type, object, str]] = {
+        "logits_chunk": (int, 0, "columns per chunk of the chunked margin softmax (O(B x chunk) memory); 0 = off"),
+    }
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class Head(nn.Module):
         sample_rate: float = 1.0,
         fp16: bool = False,
         process_group: D.ProcessGroup = None,
+        logits_chunk: int = 0,
     ) -> None:
         super().__init__()
         if not callable(margin_loss):
@@ -45,12 +49,15 @@ class Head(nn.Module):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         if not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if isinstance(logits_chunk, bool) or int(logits_chunk) < 0:
+            raise ValueError(f"logits_chunk must be a non-negative integer (0 = off), got {logits_chunk!r}")
         self.margin_loss = margin_loss
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.sample_rate = float(sample_rate)
         self.fp16 = bool(fp16)
         self.process_group = process_group
+        self.logits_chunk = int(logits_chunk)
         self.rank, self.world_size = D.rank_and_world_size(process_group)
         self._last_stats: Optional[torch.Tensor] = None
 
@@ -102,6 +109,24 @@ class Head(nn.Module):
             return nullcontext()
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ loss
+    def margin_cross_entropy(
+        self, normed: torch.Tensor, source: ColumnSource, targets: torch.Tensor,
+        plain_cosines: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """Margin loss then the distributed softmax cross-entropy over this shard's columns.
+
+        With ``logits_chunk > 0`` the columns described by ``source`` are walked in chunks
+        (:mod:`.chunked`); otherwise ``plain_cosines()`` materialises the ``(B, C)`` cosines.
+        """
+        if self.logits_chunk > 0:
+            stats = chunked_softmax_statistics(
+                normed, source, self.margin_loss, targets, self.logits_chunk, lambda: self.autocast(normed.device)
+            )
+        else:
+            stats = D.softmax_statistics(self.margin_loss(plain_cosines(), targets), targets)
+        return D.cross_entropy_from_statistics(*stats, self.process_group)
 
     # ------------------------------------------------------------------ diagnostics
     stat_names: tuple[str, ...] = ()

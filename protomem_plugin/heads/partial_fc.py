@@ -14,12 +14,14 @@ from torch import nn
 
 from .. import distributed as D
 from .base import Head, MarginLoss
+from .chunked import ColumnSource
 
 
 class PartialFC(Head):
     """Sampled margin softmax over class centres; ``sample_rate`` of each shard's centres per step."""
 
     options = {
+        **Head.options,
         "sampler_seed": (int, 0, "seed of the negative-class sampler (offset by the rank)"),
     }
     stat_names = ("classes_sampled", "positive_classes", "num_classes")
@@ -33,9 +35,11 @@ class PartialFC(Head):
         sample_rate: float = 1.0,
         fp16: bool = False,
         sampler_seed: int = 0,
+        logits_chunk: int = 0,
         process_group: D.ProcessGroup = None,
     ) -> None:
-        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, process_group)
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16,
+                         process_group=process_group, logits_chunk=logits_chunk)
         self.class_start, self.num_local = D.contiguous_shard(num_classes, self.rank, self.world_size)
         self.num_sample = int(self.sample_rate * self.num_local)
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, self.embedding_size)))
@@ -107,11 +111,16 @@ class PartialFC(Head):
         local_targets = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
         with torch.no_grad():
             index, targets = self.sample(local_targets)
-        weight = self.weight if index.numel() == self.num_local else self.weight[index]
-        with self.autocast(embeddings.device):
-            logits = F.linear(F.normalize(embeddings), F.normalize(weight))
-        logits = logits.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32).clamp(-1, 1)
-        logits = self.margin_loss(logits, targets)
-        loss = D.sharded_softmax_cross_entropy(logits, targets, self.process_group)
+        every = index.numel() == self.num_local
+
+        def plain_cosines() -> torch.Tensor:
+            weight = self.weight if every else self.weight[index]
+            with self.autocast(embeddings.device):
+                logits = F.linear(F.normalize(embeddings), F.normalize(weight))
+            return logits.to(embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32).clamp(-1, 1)
+
+        source = ColumnSource(self.weight, index=None if every else index, normalize=True)
+        normed = F.normalize(embeddings) if self.logits_chunk else embeddings
+        loss = self.margin_cross_entropy(normed, source, targets, plain_cosines)
         self.record_stats([index.numel(), torch.unique(labels[in_shard]).numel(), self.num_classes], embeddings.device)
         return loss

@@ -8,7 +8,13 @@ logits are cosines against every occupied slot, the slots written this step carr
 their exemplars; then the margin loss and the sharded softmax cross-entropy.
 
 State is a function of the memory size alone: prototypes, the class of each slot and its write
-step. Finding a class among the slots is a sort plus a binary search over the shard's slots.
+step. Finding a class among the slots is a sort plus a binary search over the shard's slots; no
+step touches anything of size ``num_classes``.
+
+``memory_dtype`` sets the storage of the prototypes: ``"float32"`` follows the module's floating
+dtype (``.double()`` makes it float64); ``"float16"`` / ``"bfloat16"`` halve the memory and stay so
+through ``.to(dtype)`` / ``.double()``. Cosines are always computed in float32 (float64 for float64
+embeddings). A prototype that would not be finite in the storage dtype is never written.
 """
 from __future__ import annotations
 
@@ -19,16 +25,24 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from .base import Head, MarginLoss
+from .chunked import ColumnSource
 
 _INT64_MAX = torch.iinfo(torch.int64).max
+MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class NonFinitePrototypeError(ValueError):
+    """Raised before a prototype that is not finite in the memory's storage dtype would be written."""
 
 
 class PrototypeMemory(Head):
     """Prototype Memory head: a fixed-size, sharded memory of recent class prototypes."""
 
     options = {
+        **Head.options,
         "memory_size": (int, None, "total prototype slots over all ranks; default sample_rate * num_classes"),
         "prototype_grad": (bool, True, "back-propagate through the batch prototypes into their exemplars"),
+        "memory_dtype": (str, "float32", f"storage dtype of the prototypes, one of {tuple(MEMORY_DTYPES)}"),
     }
     stat_names = (
         "occupied_slots", "memory_slots", "batch_classes", "new_classes", "refreshed_classes",
@@ -45,21 +59,55 @@ class PrototypeMemory(Head):
         fp16: bool = False,
         memory_size: Optional[int] = None,
         prototype_grad: bool = True,
+        memory_dtype: str = "float32",
+        logits_chunk: int = 0,
         process_group: D.ProcessGroup = None,
     ) -> None:
-        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, process_group)
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16,
+                         process_group=process_group, logits_chunk=logits_chunk)
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {tuple(MEMORY_DTYPES)}, got {memory_dtype!r}")
         if memory_size is None:
             memory_size = max(1, int(round(self.sample_rate * self.num_classes)))
         if int(memory_size) < self.world_size:
             raise ValueError(f"memory_size={memory_size} must be at least the world size {self.world_size}")
         self.memory_size = int(memory_size)
         self.prototype_grad = bool(prototype_grad)
+        self.memory_dtype = memory_dtype
         _, self.num_local_slots = D.contiguous_shard(self.memory_size, self.rank, self.world_size)
         slots = self.num_local_slots
-        self.register_buffer("memory", torch.zeros(slots, self.embedding_size))
+        self.register_buffer("memory", torch.zeros(slots, self.embedding_size, dtype=MEMORY_DTYPES[memory_dtype]))
         self.register_buffer("slot_class", torch.full((slots,), -1, dtype=torch.int64))
         self.register_buffer("slot_step", torch.full((slots,), -1, dtype=torch.int64))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ storage precision
+    @property
+    def low_precision_storage(self) -> bool:
+        return self.memory_dtype != "float32"
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        storage = MEMORY_DTYPES[self.memory_dtype]
+        if self.low_precision_storage and self.memory.dtype != storage:  # dtype casts keep the storage
+            self.memory = self.memory.to(storage)
+        return self
+
+    def check_storable(self, classes: torch.Tensor, prototypes: torch.Tensor) -> None:
+        """Raise :class:`NonFinitePrototypeError` if a prototype is not finite in the storage dtype."""
+        bad = ~torch.isfinite(prototypes.detach().to(self.memory.dtype)).all(dim=1)
+        if bool(bad.any()):
+            raise NonFinitePrototypeError(
+                f"prototypes of classes {classes[bad][:8].tolist()} are not finite in the memory's "
+                f"{self.memory.dtype} storage; the memory was not changed"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "memory"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value.to(self.memory.dtype)).all()):
+            raise ValueError(f"state_dict key {key!r} holds values that are not finite in {self.memory.dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ quality hook
     def sample_weights(
@@ -90,6 +138,7 @@ class PrototypeMemory(Head):
                 f"memory_size={self.memory_size} is too small for one global batch: shard {self.rank} "
                 f"received {count} classes this step but holds {self.num_local_slots} slots"
             )
+        self.check_storable(classes, prototypes)
         slots = self.lookup_slots(classes)
         new = slots < 0
         num_new = int(new.sum())
@@ -147,19 +196,23 @@ class PrototypeMemory(Head):
         owned = D.owner_shard(classes, self.world_size) == self.rank
         sums = torch.zeros(classes.numel(), normed.shape[1], dtype=normed.dtype, device=normed.device)
         sums = sums.index_add(0, group_index, weighted)
-        prototypes = F.normalize(sums[owned], dim=1)
+        all_prototypes = F.normalize(sums, dim=1)
+        self.check_storable(classes, all_prototypes)  # every rank checks the whole batch: all raise alike
+        prototypes = all_prototypes[owned]
         if not self.prototype_grad:
             prototypes = prototypes.detach()
 
         slots, counts = self.write_prototypes(classes[owned], prototypes.detach())
-        logits, written_columns, ages = self.cosine_logits(normed, prototypes, slots)
+        occupied_index, written_columns, ages = self.occupied_columns(slots)
 
         owned_position = torch.cumsum(owned.long(), 0) - 1
         sample_owned = owned[group_index]
         targets = torch.full_like(labels, -1)
         targets[sample_owned] = written_columns[owned_position[group_index[sample_owned]]]
-        logits = self.margin_loss(logits, targets)
-        loss = D.sharded_softmax_cross_entropy(logits, targets, self.process_group)
+        source = ColumnSource(self.memory, index=occupied_index, override_columns=written_columns, override=prototypes)
+        loss = self.margin_cross_entropy(
+            normed, source, targets, lambda: self.cosine_logits(normed, prototypes, occupied_index, written_columns)
+        )
         self.step += 1
         self.record_stats(
             [ages.numel(), self.num_local_slots, int(owned.sum()), counts["new"], counts["refreshed"],
@@ -172,30 +225,30 @@ class PrototypeMemory(Head):
         """Gather per-sample extras the head uses (none for PM)."""
         return {}
 
-    def cosine_logits(
-        self, normed: torch.Tensor, prototypes: torch.Tensor, slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cosines against the occupied slots; columns of ``slots`` use the attached ``prototypes``.
+    def occupied_columns(self, slots: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Logit columns of the shard: the occupied slots in slot order.
 
-        Returns the logits, the column of each written slot and the ages of the occupied slots.
+        Returns the slot of each column (``None`` when every slot is occupied), the column of each
+        of ``slots`` and the ages (steps since write) of the occupied slots.
         """
         occupied = self.slot_class >= 0
         if bool(occupied.all()):
-            stored = self.memory
-            column_of_slot = torch.arange(self.num_local_slots, device=slots.device)
-            slot_steps = self.slot_step
-        else:
-            index = torch.nonzero(occupied).squeeze(1)
-            stored = self.memory[index]
-            column_of_slot = torch.cumsum(occupied.long(), 0) - 1
-            slot_steps = self.slot_step[index]
-        columns = column_of_slot[slots]
+            return None, slots, self.step - self.slot_step
+        index = torch.nonzero(occupied).squeeze(1)
+        column_of_slot = torch.cumsum(occupied.long(), 0) - 1
+        return index, column_of_slot[slots], self.step - self.slot_step[index]
+
+    def cosine_logits(
+        self, normed: torch.Tensor, prototypes: torch.Tensor, occupied_index: Optional[torch.Tensor],
+        written_columns: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(B, C)`` cosines against the occupied slots; the written columns use the attached ``prototypes``."""
+        stored = self.memory if occupied_index is None else self.memory[occupied_index]
         with self.autocast(normed.device):
             logits = normed @ stored.to(normed.dtype).t()
             fresh = normed @ prototypes.t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
-        logits = logits.to(out_dtype).index_copy(1, columns, fresh.to(out_dtype)).clamp(-1.0, 1.0)
-        return logits, columns, self.step - slot_steps
+        return logits.to(out_dtype).index_copy(1, written_columns, fresh.to(out_dtype)).clamp(-1.0, 1.0)
 
     def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
         occupied = max(raw["occupied_slots"], 1.0)

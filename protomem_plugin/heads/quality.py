@@ -59,6 +59,8 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         fp16: bool = False,
         memory_size: Optional[int] = None,
         prototype_grad: bool = True,
+        memory_dtype: str = "float32",
+        logits_chunk: int = 0,
         quality_source: str = "norm",
         norm_power: float = 1.0,
         recognizability_temperature: float = 0.1,
@@ -68,7 +70,8 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         external_power: float = 1.0,
         process_group: D.ProcessGroup = None,
     ) -> None:
-        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, memory_size, prototype_grad, process_group)
+        super().__init__(margin_loss, embedding_size, num_classes, sample_rate, fp16, memory_size, prototype_grad,
+                         memory_dtype=memory_dtype, logits_chunk=logits_chunk, process_group=process_group)
         if quality_source not in QUALITY_SOURCES:
             raise ValueError(f"quality_source must be one of {QUALITY_SOURCES}, got {quality_source!r}")
         if recognizability_temperature <= 0:

@@ -137,7 +137,7 @@ def softmax_statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torc
         zeros = logits.sum(dim=1)  # zeros that keep the graph
         return row_max, zeros, zeros
     with torch.no_grad():
-        row_max = logits.max(dim=1).values
+        row_max = logits.amax(dim=1)
     sum_exp = (logits - row_max.unsqueeze(1)).exp().sum(dim=1)
     has_target = target >= 0
     target_logit = logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)

@@ -101,7 +101,7 @@ class _ChunkedStatistics(torch.autograd.Function):
             )
             chunk_target = _chunk_targets(target, start, stop)
             logits = margin_loss(cos, chunk_target)
-            new_max = torch.maximum(row_max, logits.max(dim=1).values)
+            new_max = torch.maximum(row_max, logits.amax(dim=1))
             sum_exp = sum_exp * (row_max - new_max).exp() + (logits - new_max.unsqueeze(1)).exp().sum(dim=1)
             row_max = new_max
             hit = torch.nonzero(chunk_target >= 0).squeeze(1)

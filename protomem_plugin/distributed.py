@@ -138,7 +138,7 @@ def softmax_statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torc
         return row_max, zeros, zeros
     with torch.no_grad():
         row_max = logits.amax(dim=1)
-    sum_exp = (logits - row_max.unsqueeze(1)).exp().sum(dim=1)
+    sum_exp = (logits - row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: one (B, C) buffer less
     has_target = target >= 0
     target_logit = logits.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
     target_logit = torch.where(has_target, target_logit, torch.zeros_like(target_logit))

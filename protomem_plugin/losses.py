@@ -77,10 +77,10 @@ class CombinedMarginLoss(nn.Module):
     def filter_interclass(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Zero non-target logits above the filtering threshold (a constant mask, no gradient)."""
         with torch.no_grad():
-            keep = logits <= self.interclass_filtering_threshold
+            drop = logits > self.interclass_filtering_threshold
             rows = torch.nonzero(labels >= 0).squeeze(1)
-            keep[rows, labels[rows]] = True
-        return logits * keep.to(logits.dtype)
+            drop[rows, labels[rows]] = False
+        return logits.masked_fill(drop, 0.0)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.reshape(-1)
@@ -92,8 +92,8 @@ class CombinedMarginLoss(nn.Module):
         target = self.target_logit(cos)
         if self.gradient == "straight_through":
             target = cos + (target - cos).detach()
-        logits = logits.index_put((rows, cols), target)
-        return logits * self.s
+        # scale first, then write the targets in place: one (B, C) buffer instead of two
+        return (logits * self.s).index_put_((rows, cols), target * self.s)
 
     def extra_repr(self) -> str:
         return (

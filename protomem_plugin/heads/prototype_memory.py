@@ -248,7 +248,9 @@ class PrototypeMemory(Head):
             logits = normed @ stored.to(normed.dtype).t()
             fresh = normed @ prototypes.t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
-        return logits.to(out_dtype).index_copy(1, written_columns, fresh.to(out_dtype)).clamp(-1.0, 1.0)
+        logits = logits.to(out_dtype)
+        # in place: the matmul's backward does not read its output, so no (B, C) copy is needed
+        return logits.index_copy_(1, written_columns, fresh.to(out_dtype)).clamp(-1.0, 1.0)
 
     def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
         occupied = max(raw["occupied_slots"], 1.0)

@@ -35,6 +35,30 @@ class NonFinitePrototypeError(ValueError):
     """Raised before a prototype that is not finite in the memory's storage dtype would be written."""
 
 
+class _StoredCosines(torch.autograd.Function):
+    """``normed @ stored.T`` for a low-precision ``stored`` (no gradient), widened in row blocks."""
+
+    BLOCK = 65536
+
+    @staticmethod
+    def forward(ctx, normed: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = torch.empty(normed.shape[0], stored.shape[0], dtype=normed.dtype, device=normed.device)
+        for start in range(0, stored.shape[0], _StoredCosines.BLOCK):
+            block = stored[start : start + _StoredCosines.BLOCK].to(normed.dtype)
+            torch.mm(normed, block.t(), out=out[:, start : start + block.shape[0]])
+        ctx.save_for_backward(stored)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (stored,) = ctx.saved_tensors
+        out = torch.zeros(grad.shape[0], stored.shape[1], dtype=grad.dtype, device=grad.device)
+        for start in range(0, stored.shape[0], _StoredCosines.BLOCK):
+            block = stored[start : start + _StoredCosines.BLOCK].to(grad.dtype)
+            out.addmm_(grad[:, start : start + block.shape[0]], block)
+        return out, None
+
+
 class PrototypeMemory(Head):
     """Prototype Memory head: a fixed-size, sharded memory of recent class prototypes."""
 
@@ -245,7 +269,10 @@ class PrototypeMemory(Head):
         """``(B, C)`` cosines against the occupied slots; the written columns use the attached ``prototypes``."""
         stored = self.memory if occupied_index is None else self.memory[occupied_index]
         with self.autocast(normed.device):
-            logits = normed @ stored.to(normed.dtype).t()
+            if stored.dtype == normed.dtype or self.fp16:
+                logits = normed @ stored.to(normed.dtype).t()
+            else:  # low-precision storage: widen block by block, never a full-precision copy of the memory
+                logits = _StoredCosines.apply(normed, stored)
             fresh = normed @ prototypes.t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
         logits = logits.to(out_dtype)

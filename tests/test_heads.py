@@ -238,3 +238,17 @@ def test_partial_fc_loads_arcface_torch_state_dict_and_samples_positives():
     index, targets = head.sample(labels)
     assert index.numel() == 10 and torch.all(index[targets] == labels)
     assert torch.all(index.diff() > 0)
+
+
+@pytest.mark.parametrize("cls", [PrototypeMemory, QualityAwarePrototypeMemory], ids=["pm", "qapm"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_no_step_work_of_size_num_classes(cls, chunk):
+    """10^13 classes: any per-step tensor with one entry per class would need terabytes."""
+    huge = 10**13
+    head = cls(MARGIN, 4, huge, memory_size=6, logits_chunk=chunk).double()
+    for step, classes in enumerate([[huge - 1, 5], [123_456_789_012, 5], [7, huge - 2]]):
+        x, y = pairs(classes, seed=step)
+        loss = head(x.requires_grad_(True), y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert sorted(stored(head)) == sorted([5, 7, 123_456_789_012, huge - 2, huge - 1])

@@ -1,7 +1,8 @@
 """PyTorch fallback training loader: DataLoader workers read records and decode with OpenCV.
 
 Workers return uint8 HWC images (4x less inter-process traffic than float); the main process
-normalises on the target device. Same contract as the DALI loader (see ``loader.py``).
+normalises on the target device. Workers only call OpenCV's ``imdecode`` (single-threaded) and
+``resize`` when the stored size differs; colour order and flips are numpy slicing. Same contract as the DALI loader (see ``loader.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .loader import TrainLoader, normalize_batch
-from .recordio import InsightFaceRec
+from .recordio import InsightFaceRec, RecordIOError
 from .sampler import GroupedBatchSampler
 
 __all__ = ["RecImageDataset", "TorchTrainLoader"]
@@ -37,12 +38,14 @@ class RecImageDataset(Dataset):
     def __getitem__(self, index) -> tuple[np.ndarray, int]:
         position, flip = index if isinstance(index, tuple) else (index, False)
         key = int(self.rec.image_keys[position])
-        image = self.rec.read_image(key)
-        if image.shape[:2] != (self.image_size, self.image_size):
-            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
-        if flip:
-            image = image[:, ::-1]
-        return np.ascontiguousarray(image), int(self.rec.labels[position])
+        data = self.rec.read_image_bytes(key)
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+        if bgr is None:
+            raise RecordIOError(f"{self.rec.rec_path}: key {key}: payload of {len(data)} bytes is not a decodable image")
+        if bgr.shape[:2] != (self.image_size, self.image_size):
+            bgr = cv2.resize(bgr, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        rgb = bgr[:, ::-1, ::-1] if flip else bgr[:, :, ::-1]  # BGR->RGB by slicing: no OpenCV thread pool
+        return np.ascontiguousarray(rgb), int(self.rec.labels[position])
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -219,6 +219,15 @@ def scan_record_offsets(rec_path: str) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
+def _gather(buf: np.ndarray, offsets: np.ndarray, width: int, chunk: int = 1 << 18) -> np.ndarray:
+    """(len(offsets), width) uint8 rows ``buf[o:o+width]``, gathered in bounded-memory chunks."""
+    out = np.empty((len(offsets), width), dtype=np.uint8)
+    span = np.arange(width)
+    for start in range(0, len(offsets), chunk):
+        out[start : start + chunk] = buf[offsets[start : start + chunk, None] + span]
+    return out
+
+
 class IndexedRecordIO:
     """Random access to the records of a ``.rec`` through its ``.idx`` (the .rec is memory-mapped).
 
@@ -245,9 +254,11 @@ class IndexedRecordIO:
             raise FileNotFoundError(f"RecordIO index not found: {self.idx_path} (for {self.rec_path})")
         self._keys = keys
         self._offsets = offsets
-        self._key_to_offset = dict(zip(keys.tolist(), offsets.tolist()))
-        if len(self._key_to_offset) != len(keys):
-            raise RecordIOError(f"{self.idx_path}: duplicate keys")
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted_keys = keys[self._order]
+        duplicate = np.flatnonzero(np.diff(self._sorted_keys) == 0)
+        if duplicate.size:
+            raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[duplicate[0]])} appears twice")
         self._mm: mmap.mmap | None = None
         self._file = None
         self._validate()
@@ -277,7 +288,7 @@ class IndexedRecordIO:
                 f"{self.rec_path} ({self._size} bytes)"
             )
         buf = np.frombuffer(self._map(), dtype=np.uint8)
-        frame = buf[offsets[:, None] + np.arange(8)].copy().view("<u4")
+        frame = _gather(buf, offsets, 8).view("<u4")
         magic, lrec = frame[:, 0], frame[:, 1]
         bad = np.flatnonzero(magic != MAGIC)
         if bad.size:
@@ -320,15 +331,26 @@ class IndexedRecordIO:
         return len(self._keys)
 
     def __contains__(self, key: int) -> bool:
-        return int(key) in self._key_to_offset
+        return self._row(int(key)) is not None
+
+    def _rows(self, keys: np.ndarray) -> np.ndarray:
+        """Rows (positions in the .idx) of ``keys``; -1 where a key is absent."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(self._sorted_keys) == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        where = np.searchsorted(self._sorted_keys, keys).clip(0, len(self._sorted_keys) - 1)
+        return np.where(self._sorted_keys[where] == keys, self._order[where], -1)
+
+    def _row(self, key: int) -> int | None:
+        row = int(self._rows(np.array([key]))[0])
+        return None if row < 0 else row
 
     def read(self, key: int) -> bytes:
         """Record bytes (IRHeader included) stored under ``key``; split records are joined."""
-        try:
-            offset = self._key_to_offset[int(key)]
-        except KeyError:
-            raise KeyError(f"{self.rec_path}: no record with key {key}") from None
-        return self._read_at(offset, key)
+        row = self._row(int(key))
+        if row is None:
+            raise KeyError(f"{self.rec_path}: no record with key {key}")
+        return self._read_at(int(self._offsets[row]), key)
 
     def _read_at(self, offset: int, key: int) -> bytes:
         mm = self._map()
@@ -360,17 +382,15 @@ class IndexedRecordIO:
         labels = np.zeros(len(keys), dtype=np.float32)
         if len(keys) == 0:
             return flags, labels
-        order = np.argsort(self._keys, kind="stable")
-        where = np.searchsorted(self._keys, keys, sorter=order).clip(0, len(order) - 1)
-        rows = order[where]
-        absent = np.flatnonzero(self._keys[rows] != keys)
+        rows = self._rows(keys)
+        absent = np.flatnonzero(rows < 0)
         if absent.size:
             raise KeyError(f"{self.rec_path}: no record with key {int(keys[absent[0]])}")
         offsets, lengths, whole = self._offsets[rows], self._lengths[rows], self._whole[rows]
         fast = whole & (lengths >= _IR_SIZE + 4)
         buf = np.frombuffer(self._map(), dtype=np.uint8)
         if fast.any():
-            raw = buf[offsets[fast, None] + 8 + np.arange(_IR_SIZE + 4)].copy()
+            raw = _gather(buf, offsets[fast] + 8, _IR_SIZE + 4)
             f = raw[:, 0:4].copy().view("<u4")[:, 0].astype(np.int64)
             scalar = raw[:, 4:8].copy().view("<f4")[:, 0]
             first = raw[:, _IR_SIZE : _IR_SIZE + 4].copy().view("<f4")[:, 0]
@@ -458,7 +478,7 @@ class InsightFaceRec:
                 self.identity_ranges = self._read_identity_ranges(first_id, end_id)
         if not self.has_header:
             self.image_keys = np.sort(self.record_io.key_array)
-        missing = self.image_keys[~np.isin(self.image_keys, self.record_io.key_array)]
+        missing = self.image_keys[self.record_io._rows(self.image_keys) < 0]
         if missing.size:
             raise RecordIOError(f"{idx_path}: image key {int(missing[0])} announced by the header is not indexed")
 

@@ -122,3 +122,29 @@ def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, tiny_rec):
     for name, tensor in [*state["state_dict_backbone"].items(), *state["state_dict_softmax_fc"].items()]:
         if tensor.is_floating_point():
             assert torch.isfinite(tensor).all(), f"non-finite {name} was kept"
+
+
+def test_quality_file_feeds_qapm_the_quality_of_each_batch_image(tmp_path, tiny_rec):
+    import numpy as np
+
+    from protomem_plugin.train.runtime import Runtime
+    from protomem_plugin.train.trainer import build_setup, load_quality
+
+    quality = np.load(tiny_rec / "quality.npy")
+    cfg = get_config(write_config(tmp_path, "job", head="qapm", quality_source="external", memory_size=40,
+                                  rec=str(tiny_rec), output=str(tmp_path / "out"), max_steps=3,
+                                  quality_file=str(tiny_rec / "quality.npy")))
+    setup = build_setup(cfg, Runtime(0, 1, 0, torch.device("cpu")))
+    setup.loader.set_epoch(0)
+    images, labels = next(iter(setup.loader))
+    positions = setup.loader.current_positions
+    assert np.array_equal(setup.loader.labels[positions], labels.numpy())
+    assert np.array_equal(setup.quality[torch.as_tensor(positions)].numpy(), quality[positions])
+    assert run_cli(write_config(tmp_path / "run", "job", head="qapm", quality_source="external", memory_size=40,
+                                rec=str(tiny_rec), output=str(tmp_path / "out"), max_steps=3,
+                                quality_file=str(tiny_rec / "quality.npy"))) == 0
+    bad = tmp_path / "short.npy"
+    np.save(bad, quality[:-1])
+    cfg.quality_file = str(bad)
+    with pytest.raises(ConfigError, match="quality_file.*images"):
+        load_quality(cfg, setup.loader)

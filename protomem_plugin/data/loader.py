@@ -53,6 +53,7 @@ class TrainLoader:
         self.random_flip = bool(random_flip)
         self._position = 0
         self._resume_from: int | None = None
+        self.current_positions: np.ndarray | None = None  # positions (into rec.image_keys) of the last batch
 
     @property
     def num_classes(self) -> int:
@@ -108,8 +109,9 @@ class TrainLoader:
         batches = self.sampler.epoch_batches(epoch)[start:]
         flips = self.flips(epoch)[start:]
         self._position = start
-        for images, labels in self._iterate(batches, flips):
+        for offset, (images, labels) in enumerate(self._iterate(batches, flips)):
             self._position += 1
+            self.current_positions = batches[offset]
             yield images, labels
 
     def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

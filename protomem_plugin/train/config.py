@@ -39,6 +39,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "max_steps": None,            # stop after this many global steps (short runs)
     "save_every_steps": 0,        # also write checkpoint_gpu_{rank}.pt every N steps (0: epoch ends only)
     "max_nonfinite_steps": 5,     # consecutive non-finite losses that stop training
+    "quality_file": None,         # .npy of per-image quality (image-key order) passed to the head as quality=
     "synthetic": None,            # dict of make_synthetic_dataset arguments: generate `rec` if absent
     "deterministic": False,       # torch.use_deterministic_algorithms + single-threaded reproducibility
     "progress": True,             # tqdm progress bar on rank 0

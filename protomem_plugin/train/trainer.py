@@ -65,6 +65,22 @@ def build_loader(cfg, runtime: Runtime):
     return loader
 
 
+def load_quality(cfg, loader) -> torch.Tensor | None:
+    """Per-image quality from ``cfg.quality_file`` (one value per image, in image-key order)."""
+    if not cfg.get("quality_file"):
+        return None
+    import numpy as np
+
+    path = Path(cfg.quality_file)
+    if not path.is_file():
+        raise ConfigError(f"config key 'quality_file' = {cfg.quality_file!r} does not exist")
+    quality = np.load(path, allow_pickle=False)
+    if quality.shape != (loader.num_images,):
+        raise ConfigError(f"config key 'quality_file': {path} holds shape {quality.shape}, "
+                          f"the dataset has {loader.num_images} images")
+    return torch.from_numpy(quality.astype(np.float32))
+
+
 @dataclass
 class TrainingSetup:
     """Everything one rank trains with."""
@@ -80,6 +96,7 @@ class TrainingSetup:
     scaler: torch.amp.GradScaler
     total_steps: int
     dtype: torch.dtype
+    quality: torch.Tensor | None
 
 
 def set_train_mode(backbone: nn.Module, freeze_bn: bool) -> None:
@@ -133,7 +150,8 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
     scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps, power=float(cfg.lr_power))
     # fp16: the backbone trunk runs in float16 on CUDA (with loss scaling) and bfloat16 on CPU
     scaler = torch.amp.GradScaler("cuda", growth_interval=100, enabled=bool(cfg.fp16) and runtime.device.type == "cuda")
-    return TrainingSetup(cfg, runtime, loader, backbone, model, head, optimizer, scheduler, scaler, total_steps, dtype)
+    return TrainingSetup(cfg, runtime, loader, backbone, model, head, optimizer, scheduler, scaler, total_steps, dtype,
+                         load_quality(cfg, loader))
 
 
 def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -191,7 +209,11 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                 buffers_before = snapshot_buffers(backbone)
                 try:
                     embeddings = setup.model(images.to(setup.dtype))
-                    loss = head(embeddings if setup.dtype == torch.float64 else embeddings.float(), labels)
+                    extras = {}
+                    if setup.quality is not None:
+                        positions = torch.as_tensor(loader.current_positions)
+                        extras["quality"] = setup.quality[positions].to(runtime.device, setup.dtype)
+                    loss = head(embeddings if setup.dtype == torch.float64 else embeddings.float(), labels, **extras)
                 except NonFiniteEmbeddingError:
                     loss = torch.tensor(float("nan"), device=runtime.device)
                 finite = bool(torch.isfinite(loss.detach())) and buffers_finite(backbone)

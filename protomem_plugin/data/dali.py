@@ -203,11 +203,14 @@ class DaliTrainLoader(TrainLoader):
         self._started = False
 
     def _to_torch(self, tensor_list, dtype: torch.dtype) -> torch.Tensor:
+        """Copy a dense DALI output into a torch tensor on the device where DALI left it."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.tensors import TensorListGPU
 
+        on_gpu = isinstance(tensor_list, TensorListGPU)
         dense = tensor_list.as_tensor()
-        out = torch.empty(dense.shape(), dtype=dtype, device=self.device if self.device.type == "cuda" else "cpu")
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        out = torch.empty(dense.shape(), dtype=dtype, device=self.device if on_gpu else "cpu")
+        stream = torch.cuda.current_stream(self.device) if on_gpu else None
         feed_ndarray(dense, out, cuda_stream=stream)
         return out
 

@@ -54,11 +54,25 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
     return images, labels
 
 
+class _LazyPlan:
+    """``(position, flip)`` lists per batch, built when the DataLoader asks for them (mining needs it)."""
+
+    def __init__(self, batches, flips: np.ndarray) -> None:
+        self.batches, self.flips = batches, flips
+
+    def __iter__(self):
+        for i in range(len(self.batches)):
+            yield list(zip(self.batches[i].tolist(), self.flips[i].tolist()))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class _PlanSampler:
     """Batch sampler whose plan the loader replaces each epoch (works with persistent workers)."""
 
     def __init__(self) -> None:
-        self.plan: list[list[tuple[int, bool]]] = []
+        self.plan: "_LazyPlan | list" = []
 
     def __iter__(self):
         return iter(self.plan)
@@ -94,6 +108,6 @@ class TorchTrainLoader(TrainLoader):
         )
 
     def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._plan.plan = [list(zip(b.tolist(), f.tolist())) for b, f in zip(batches, flips)]
+        self._plan.plan = _LazyPlan(batches, flips)
         for images, labels in self.dataloader:
             yield normalize_batch(images, self.device), labels.to(self.device, non_blocking=True)

@@ -106,7 +106,7 @@ class TrainLoader:
         start = self._resume_from if self._resume_from is not None else 0
         self._resume_from = None
         epoch = self.sampler.epoch
-        batches = self.sampler.epoch_batches(epoch)[start:]
+        batches = self.sampler.batches_from(epoch, start)
         flips = self.flips(epoch)[start:]
         self._position = start
         for offset, (images, labels) in enumerate(self._iterate(batches, flips)):
@@ -135,23 +135,26 @@ def build_train_loader(
     drop_last: bool = True,
     dali_num_threads: int | None = None,
     prefetch: int = 2,
+    doppelganger_mining: bool = False,
+    mining_fraction: float = 0.5,
 ) -> TrainLoader:
     """Training loader over an InsightFace-layout folder (``train.rec``/``train.idx``/``property``).
 
     ``use_dali`` selects the NVIDIA DALI pipeline (GPU decoding when ``device`` is CUDA, CPU
     otherwise) with optional ``dali_aug`` augmentations; else a PyTorch DataLoader with OpenCV
-    decoding and ``num_workers`` processes. ``batch_size`` is per rank.
+    decoding and ``num_workers`` processes. ``batch_size`` is per rank. ``doppelganger_mining``
+    composes batches with :class:`~protomem_plugin.data.mining.MiningBatchSampler`, whose
+    ``sampler.table`` the training loop updates from the head's reports.
     """
     rec = InsightFaceRec(rec_dir)
-    sampler = GroupedBatchSampler(
-        rec.labels,
-        batch_size,
-        samples_per_class=samples_per_class,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        drop_last=drop_last,
-    )
+    common_sampler = dict(samples_per_class=samples_per_class, rank=rank, world_size=world_size, seed=seed,
+                          drop_last=drop_last)
+    if doppelganger_mining:
+        from .mining import MiningBatchSampler
+
+        sampler = MiningBatchSampler(rec.labels, batch_size, **common_sampler, mining_fraction=mining_fraction)
+    else:
+        sampler = GroupedBatchSampler(rec.labels, batch_size, **common_sampler)
     common = dict(device=device, image_size=image_size, random_flip=random_flip)
     if use_dali:
         from .dali import DaliTrainLoader

@@ -116,6 +116,10 @@ class GroupedBatchSampler:
         groups = groups[:needed].reshape(self._len, self.world_size, self.groups_per_batch, self.samples_per_class)
         return groups[:, self.rank].reshape(self._len, self.batch_size)
 
+    def batches_from(self, epoch: int, start: int = 0):
+        """This rank's batches of ``epoch`` from batch ``start`` on (what a loader iterates)."""
+        return self.epoch_batches(epoch)[start:]
+
     def __iter__(self) -> Iterator[list[int]]:
         start = self._resume_from if self._resume_from is not None else 0
         self._resume_from = None

@@ -39,6 +39,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "max_steps": None,            # stop after this many global steps (short runs)
     "save_every_steps": 0,        # also write checkpoint_gpu_{rank}.pt every N steps (0: epoch ends only)
     "max_nonfinite_steps": 5,     # consecutive non-finite losses that stop training
+    "doppelganger_mining": False,  # batches bring together classes the memory finds similar (PM, QAPM)
+    "mining_fraction": 0.5,       # share of each batch filled with mined neighbour groups
+    "doppelganger_k": 3,          # neighbours reported per class
     "quality_file": None,         # .npy of per-image quality (image-key order) passed to the head as quality=
     "synthetic": None,            # dict of make_synthetic_dataset arguments: generate `rec` if absent
     "deterministic": False,       # torch.use_deterministic_algorithms + single-threaded reproducibility

@@ -55,6 +55,7 @@ def build_loader(cfg, runtime: Runtime):
         cfg.rec, cfg.batch_size, samples_per_class=cfg.samples_per_class, rank=runtime.rank,
         world_size=runtime.world_size, seed=cfg.seed, use_dali=bool(cfg.dali), dali_aug=bool(cfg.dali_aug),
         num_workers=cfg.num_workers, device=str(runtime.device), image_size=cfg.image_size,
+        doppelganger_mining=bool(cfg.doppelganger_mining), mining_fraction=float(cfg.mining_fraction),
     )
     max_label = int(loader.labels.max())
     if max_label >= cfg.num_classes:
@@ -135,6 +136,8 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
     backbone = get_model(cfg.network, dropout=float(cfg.get("dropout", 0.0)), fp16=bool(cfg.fp16),
                          num_features=cfg.embedding_size).to(runtime.device, dtype)
     head = build_head(cfg, build_margin_loss(cfg)).to(runtime.device, dtype).train()
+    if cfg.doppelganger_mining and not hasattr(head, "nearest_classes"):
+        raise ConfigError(f"config key 'doppelganger_mining' needs a memory head; head {cfg.head!r} has no memory")
     model: nn.Module = backbone
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -172,6 +175,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             restore_rng_state(state["rng"])
+        if cfg.doppelganger_mining and "neighbours" in state:
+            loader.sampler.table.load_state_dict({k: v.numpy() for k, v in state["neighbours"].items()})
     os.makedirs(cfg.output, exist_ok=True)
     logger = TrainingLogger(cfg.output, enabled=runtime.is_main, total_steps=total_steps, start_step=global_step,
                             frequent=cfg.frequent, global_batch=cfg.batch_size * runtime.world_size,
@@ -186,6 +191,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
             "world_size": runtime.world_size, "global_batch": cfg.batch_size * runtime.world_size,
             "nonfinite_total": nonfinite_total, "head": cfg.head,
         }}
+        if cfg.doppelganger_mining:
+            extra["protomem"]["neighbours"] = {k: torch.from_numpy(v) for k, v in loader.sampler.table.state_dict().items()}
         save_training_checkpoint(cfg.output, runtime.rank, epoch=epoch, global_step=global_step, backbone=backbone,
                                  head=head, optimizer=optimizer, lr_scheduler=scheduler, extra=extra)
 
@@ -239,6 +246,9 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                     nonfinite_total += 1
                     logger.write(f"step {global_step}: non-finite loss or gradient, step skipped "
                                  f"({consecutive_nonfinite} in a row, {nonfinite_total} in total)")
+                if cfg.doppelganger_mining and finite:
+                    classes, neighbours = head.nearest_classes(int(cfg.doppelganger_k))
+                    loader.sampler.table.update(classes.cpu().numpy(), neighbours.cpu().numpy())
                 scheduler.step()
                 lr = scheduler.get_last_lr()[0]
                 logger.step(global_step, epoch, float(loss.detach()) if finite else float("nan"), lr, skipped=not finite)

@@ -265,6 +265,8 @@ def chunked_softmax_statistics(
     """
     if int(chunk) <= 0:
         raise ValueError(f"logits_chunk must be positive for the chunked path, got {chunk}")
+    if normed.dtype not in (torch.float32, torch.float64):
+        normed = normed.float()  # half-precision embeddings: statistics and gradients in float32
     return _ChunkedStatistics.apply(
         normed, source.weight, source.override, source, margin_loss, target, int(chunk), autocast or nullcontext
     )

@@ -11,13 +11,15 @@ from train_helpers import read_losses, write_config
 
 CPU = torch.device("cpu")
 # eviction is decided per shard: a memory holding every class keeps 2 ranks and 1 process comparable
-HEADS = {"prototype_memory": dict(memory_size=64), "partial_fc": dict(sample_rate=1.0)}
+HEADS = {"prototype_memory": dict(head="prototype_memory", memory_size=64),
+         "partial_fc": dict(head="partial_fc", sample_rate=1.0),
+         "pm_doppelganger_mining": dict(head="prototype_memory", memory_size=64, doppelganger_mining=True)}
 
 
 def job(tmp_path, name, head, **kw):
     # BatchNorm statistics are per rank under DDP (no SyncBatchNorm on CPU): freeze them for exact parity;
     # float64 so that rounding differences of split batches do not grow over the steps
-    options = dict(head=head, freeze_bn=True, compute_dtype="float64", max_steps=24, val_targets=[], **HEADS[head])
+    options = dict(freeze_bn=True, compute_dtype="float64", max_steps=24, val_targets=[], **HEADS[head])
     return write_config(tmp_path / name, "job", **{**options, **kw})
 
 

@@ -24,8 +24,10 @@ class PartialFC(Head):
         **Head.options,
         "sampler_seed": (int, 0, "seed of the negative-class sampler (offset by the rank)"),
     }
-    stat_names = ("classes_sampled", "positive_classes", "num_classes")
-    stat_reductions = ("sum", "sum", "same")
+    stat_names = ("classes_sampled", "positive_classes", "num_classes", "centre_age_sum", "centre_age_max",
+                  "positive_age_sum")
+    stat_reductions = ("sum", "sum", "same", "sum", "max", "sum")
+    init_block = 65536  # classes per block of the world-size independent initialisation
 
     def __init__(
         self,
@@ -42,10 +44,29 @@ class PartialFC(Head):
                          process_group=process_group, logits_chunk=logits_chunk)
         self.class_start, self.num_local = D.contiguous_shard(num_classes, self.rank, self.world_size)
         self.num_sample = int(self.sample_rate * self.num_local)
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, self.embedding_size)))
+        self.weight = nn.Parameter(self.initial_centres())
+        # obsolescence: the step at which each centre last took part in a step (got a gradient)
+        self.register_buffer("last_update_step", torch.zeros(self.num_local, dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.sampler_seed = int(sampler_seed) + self.rank
         self._generator: torch.Generator | None = None
         self._pending_rng_state: torch.Tensor | None = None
+
+    def initial_centres(self) -> torch.Tensor:
+        """N(0, 0.01) centres of this shard, the same values whatever the number of ranks.
+
+        One base seed is drawn from the global generator (seeded alike on every rank); class
+        block ``b`` of :attr:`init_block` classes is drawn from a generator seeded ``base + b``.
+        """
+        base = int(torch.randint(0, 2**62, (1,)))
+        end = self.class_start + self.num_local
+        rows = []
+        for block in range(self.class_start // self.init_block, -(-end // self.init_block)):
+            first = block * self.init_block
+            size = min(self.init_block, self.num_classes - first)
+            values = torch.randn(size, self.embedding_size, generator=torch.Generator().manual_seed(base + block)) * 0.01
+            rows.append(values[max(self.class_start - first, 0) : min(end - first, size)])
+        return torch.cat(rows) if rows else torch.empty(0, self.embedding_size)
 
     # ------------------------------------------------------------------ sampling RNG (resumable)
     def _rng(self) -> torch.Generator:
@@ -70,9 +91,9 @@ class PartialFC(Head):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        extra = prefix + "_extra_state"
-        if extra in missing_keys:  # arcface_torch's PartialFC_V2 checkpoints hold only `weight`
-            missing_keys.remove(extra)
+        for name in ("_extra_state", "last_update_step", "step"):
+            if prefix + name in missing_keys:  # arcface_torch's PartialFC_V2 checkpoints hold only `weight`
+                missing_keys.remove(prefix + name)
 
     # ------------------------------------------------------------------ resharding
     def shard_rows(self, full: torch.Tensor) -> torch.Tensor:
@@ -84,7 +105,11 @@ class PartialFC(Head):
         full = torch.cat([s["weight"] for s in states])
         if full.shape[0] != self.num_classes:
             raise ValueError(f"checkpoint shards hold {full.shape[0]} class centres, the head expects {self.num_classes}")
-        return {"weight": self.shard_rows(full).clone()}
+        state = {"weight": self.shard_rows(full).clone()}
+        if all("last_update_step" in s for s in states):
+            state["last_update_step"] = self.shard_rows(torch.cat([s["last_update_step"] for s in states])).clone()
+            state["step"] = states[0]["step"].clone()
+        return state
 
     # ------------------------------------------------------------------ forward
     def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,5 +147,20 @@ class PartialFC(Head):
         source = ColumnSource(self.weight, index=None if every else index, normalize=True)
         normed = F.normalize(embeddings) if self.logits_chunk else embeddings
         loss = self.margin_cross_entropy(normed, source, targets, plain_cosines)
-        self.record_stats([index.numel(), torch.unique(labels[in_shard]).numel(), self.num_classes], embeddings.device)
+        with torch.no_grad():
+            ages = self.step - self.last_update_step[index]
+            positive_ages = ages[torch.unique(targets[targets >= 0])]
+            self.last_update_step[index] = self.step
+            self.step += 1
+        self.record_stats([index.numel(), positive_ages.numel(), self.num_classes, ages.sum(),
+                           ages.max() if ages.numel() else 0, positive_ages.sum()], embeddings.device)
         return loss
+
+    def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
+        return {
+            "classes_sampled": raw["classes_sampled"],
+            "positive_classes": raw["positive_classes"],
+            "centre_age_mean": raw["centre_age_sum"] / max(raw["classes_sampled"], 1.0),
+            "centre_age_max": raw["centre_age_max"],
+            "positive_age_mean": raw["positive_age_sum"] / max(raw["positive_classes"], 1.0),
+        }

@@ -221,6 +221,7 @@ class PrototypeMemory(Head):
         sums = torch.zeros(classes.numel(), normed.shape[1], dtype=normed.dtype, device=normed.device)
         sums = sums.index_add(0, group_index, weighted)
         all_prototypes = F.normalize(sums, dim=1)
+        self._last_batch = (classes, all_prototypes.detach())
         self.check_storable(classes, all_prototypes)  # every rank checks the whole batch: all raise alike
         prototypes = all_prototypes[owned]
         if not self.prototype_grad:
@@ -244,6 +245,35 @@ class PrototypeMemory(Head):
             embeddings.device,
         )
         return loss
+
+    @torch.no_grad()
+    def nearest_classes(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` stored classes most similar to each class of the last batch (doppelgangers).
+
+        Returns the batch's classes ``(n,)`` and their neighbours ``(n, k)``, nearest first (cosine of
+        the batch prototype to the stored prototypes of every shard; the class itself excluded,
+        ``-1`` where fewer exist). Collective: every rank calls it at the same step.
+        """
+        classes, prototypes = self._last_batch
+        occupied = torch.nonzero(self.slot_class >= 0).squeeze(1)
+        stored_classes = self.slot_class[occupied]
+        sims = prototypes @ self.memory[occupied].to(prototypes.dtype).t()
+        sims[stored_classes.unsqueeze(0) == classes.unsqueeze(1)] = float("-inf")
+        width = min(k, sims.shape[1])
+        values = torch.full((classes.numel(), k), float("-inf"), dtype=sims.dtype, device=sims.device)
+        found = torch.full((classes.numel(), k), -1, dtype=torch.int64, device=sims.device)
+        if width:
+            top = sims.topk(width, dim=1)
+            values[:, :width] = top.values
+            found[:, :width] = stored_classes[top.indices]
+        if self.world_size > 1:  # best k over every shard's candidates
+            values = D.all_gather_no_grad(values, self.process_group).view(self.world_size, -1, k)
+            found = D.all_gather_no_grad(found, self.process_group).view(self.world_size, -1, k)
+            values = values.permute(1, 0, 2).reshape(classes.numel(), -1)
+            found = found.permute(1, 0, 2).reshape(classes.numel(), -1)
+            top = values.topk(k, dim=1)
+            values, found = top.values, found.gather(1, top.indices)
+        return classes, torch.where(torch.isfinite(values), found, torch.full_like(found, -1))
 
     def gather_extras(self, local_embeddings: torch.Tensor, extras: dict[str, Any]) -> dict[str, Any]:
         """Gather per-sample extras the head uses (none for PM)."""

@@ -9,8 +9,9 @@ Cost: the gradient with respect to the embeddings is linear in the per-row upstr
 forward accumulates it chunk by chunk (``sum_j exp(l_j - m) dl_j/dx``, rescaled like the sum of
 exponentials) and the backward only scales it: no second pass over the columns for the embeddings.
 Columns whose weights need a gradient are recomputed in the backward: all of them for Partial FC
-(its class centres), only the freshly written columns for Prototype Memory. The result feeds :func:`protomem_plugin.distributed.cross_entropy_from_statistics`, the
-one distributed softmax of the package.
+(its class centres), only the freshly written columns for Prototype Memory. The result feeds
+:func:`protomem_plugin.distributed.cross_entropy_from_statistics`, the one distributed softmax of the
+package.
 
 Columns come from a weight matrix: column ``j`` is row ``index[j]`` of ``weight`` (or row ``j``
 without ``index``), except the columns listed in ``override_columns``, which take the rows of
@@ -62,10 +63,16 @@ class ColumnSource:
 
     def overrides(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (into ``override``) and chunk-relative columns of the overridden columns in the chunk."""
-        lo, hi = torch.searchsorted(
-            self.override_columns, torch.tensor([start, stop], device=self.override_columns.device)
-        ).tolist()
+        lo, hi = self._override_bounds[start], self._override_bounds[stop]
         return self.override_order[lo:hi], self.override_columns[lo:hi] - start
+
+    def split(self, chunk: int) -> list[tuple[int, int]]:
+        """Column ranges of the chunks (locates the overridden columns of every chunk in one search)."""
+        edges = list(range(0, self.num_columns, chunk)) + [self.num_columns]
+        if self.override_columns is not None:
+            found = torch.searchsorted(self.override_columns, torch.tensor(edges, device=self.override_columns.device))
+            self._override_bounds = dict(zip(edges, found.tolist()))
+        return list(zip(edges[:-1], edges[1:]))
 
     def column_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], columns: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -130,8 +137,7 @@ class _ChunkedStatistics(torch.autograd.Function):
         # sum_j exp(l_j - row_max) dl_j/dx, accumulated with the same rescaling as sum_exp
         weighted_grad = torch.zeros_like(normed) if need_x else None
         x_leaf = normed.detach().requires_grad_(need_x)
-        for start in range(0, source.num_columns, chunk):
-            stop = min(start + chunk, source.num_columns)
+        for start, stop in source.split(chunk):
             positions, cols = source.overrides(start, stop) if override is not None else (None, None)
             chunk_target = _chunk_targets(target, start, stop)
             with torch.set_grad_enabled(need_x):
@@ -200,8 +206,7 @@ def _weight_gradients(ctx, normed, weight, override, target, row_max, grad_sum_e
     grad_weight = torch.zeros_like(weight)
     grad_override = torch.zeros_like(override) if need_override else None
     x = normed.detach()
-    for start in range(0, source.num_columns, ctx.chunk):
-        stop = min(start + ctx.chunk, source.num_columns)
+    for start, stop in source.split(ctx.chunk):
         rows = source.rows(start, stop)
         positions, cols = source.overrides(start, stop) if ctx.has_override else (None, None)
         with torch.enable_grad():

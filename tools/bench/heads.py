@@ -179,7 +179,8 @@ def run_config(c: dict, device_name: str, warmup: int, min_iters: int, max_iters
     times: list[float] = []
     while len(times) < min_iters or (len(times) < max_iters and sum(times) < budget_s):
         times.append(step())
-    out = {"times_s": times, "time_ms": 1e3 * statistics.median(times)}
+    out = {"times_s": times, "time_ms": 1e3 * statistics.median(times),
+           "load_average_1min": os.getloadavg()[0]}  # other work on the machine skews absolute times
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         out.update(peak_mb=peak / 2**20, step_peak_mb=(peak - state_bytes) / 2**20, state_mb=state_bytes / 2**20,

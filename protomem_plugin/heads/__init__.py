@@ -2,7 +2,7 @@
 from ..registry import register_head
 from .base import Head, NonFiniteEmbeddingError
 from .partial_fc import PartialFC
-from .prototype_memory import PrototypeMemory
+from .prototype_memory import MEMORY_DTYPES, NonFinitePrototypeError, PrototypeMemory
 from .quality import QUALITY_SOURCES, QualityAwarePrototypeMemory
 
 register_head("partial_fc")(PartialFC)
@@ -11,5 +11,5 @@ register_head("qapm")(QualityAwarePrototypeMemory)
 
 __all__ = [
     "Head", "NonFiniteEmbeddingError", "PartialFC", "PrototypeMemory", "QualityAwarePrototypeMemory",
-    "QUALITY_SOURCES",
+    "QUALITY_SOURCES", "MEMORY_DTYPES", "NonFinitePrototypeError",
 ]

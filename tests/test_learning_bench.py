@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -10,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_bench():
     spec = importlib.util.spec_from_file_location("learning_bench", REPO / "tools" / "bench" / "learning.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["learning_bench"] = module  # worker processes find run_one by this name
     spec.loader.exec_module(module)
     return module
 

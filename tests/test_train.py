@@ -148,3 +148,17 @@ def test_quality_file_feeds_qapm_the_quality_of_each_batch_image(tmp_path, tiny_
     cfg.quality_file = str(bad)
     with pytest.raises(ConfigError, match="quality_file.*images"):
         load_quality(cfg, setup.loader)
+
+
+def test_stop_at_step_then_resume_equals_one_run(tmp_path, tiny_rec):
+    options = dict(head="prototype_memory", memory_size=40, rec=str(tiny_rec), max_steps=10, val_targets=[])
+    assert run_cli(write_config(tmp_path / "a", "job", output=str(tmp_path / "one"), **options)) == 0
+    staged = write_config(tmp_path / "b", "job", output=str(tmp_path / "two"), stop_at_step=4, save_every_steps=4,
+                          **options)
+    assert run_cli(staged) == 0
+    assert max(read_losses(tmp_path / "two")) == 4
+    assert run_cli(staged, "resume=True", "stop_at_step=None") == 0
+    one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
+    assert sorted(two) == sorted(one) == list(range(1, 11))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-6), step

@@ -36,7 +36,8 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "margin_gradient": "straight_through",
     "lr_power": 2.0,
     "clip_grad_norm": 5.0,
-    "max_steps": None,            # stop after this many global steps (short runs)
+    "max_steps": None,            # train this many global steps in all (the LR schedule ends there)
+    "stop_at_step": None,         # end this run at this global step, schedule unchanged (resume goes on)
     "save_every_steps": 0,        # also write checkpoint_gpu_{rank}.pt every N steps (0: epoch ends only)
     "max_nonfinite_steps": 5,     # consecutive non-finite losses that stop training
     "doppelganger_mining": False,  # batches bring together classes the memory finds similar (PM, QAPM)

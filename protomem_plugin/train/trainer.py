@@ -164,6 +164,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
     loader, backbone, head, optimizer, scheduler, scaler = (
         setup.loader, setup.backbone, setup.head, setup.optimizer, setup.scheduler, setup.scaler)
     total_steps = setup.total_steps
+    stop_step = min(total_steps, int(cfg.stop_at_step)) if cfg.get("stop_at_step") else total_steps
 
     start_epoch, global_step, nonfinite_total, resumed_mid_epoch = 0, 0, 0, False
     if cfg.resume:
@@ -207,7 +208,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
     accumulate = int(cfg.gradient_acc)
     try:
         for epoch in range(start_epoch, int(cfg.num_epoch)):
-            if global_step >= total_steps:
+            if global_step >= stop_step:
                 break
             if not (resumed_mid_epoch and epoch == start_epoch):
                 loader.set_epoch(epoch)
@@ -262,7 +263,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                     verification = verification_now()
                 if cfg.save_every_steps and global_step % int(cfg.save_every_steps) == 0:
                     checkpoint(epoch)
-                if global_step >= total_steps:
+                if global_step >= stop_step:
                     break
             finished_epoch = loader.state_dict()["position"] >= len(loader)
             if finished_epoch:

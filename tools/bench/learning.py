@@ -77,7 +77,7 @@ def prepare(root: Path, regime: str, spec: dict, ijb_identities: int) -> tuple[P
     return rec, ijb
 
 
-def job_config(path: Path, rec: Path, output: Path, spec: dict, head: dict, seed: int, steps: int) -> Path:
+def job_config(path: Path, rec: Path, output: Path, spec: dict, head: dict, seed: int, steps: int, stop: int) -> Path:
     """An arcface_torch job file (base.py copied beside it) for one run."""
     import shutil
 
@@ -87,8 +87,8 @@ def job_config(path: Path, rec: Path, output: Path, spec: dict, head: dict, seed
     values = dict(
         network="tiny", embedding_size=64, image_size=IMAGE_SIZE, batch_size=64, samples_per_class=2,
         lr=0.1, weight_decay=5e-4, margin_list=(1.0, 0.0, 0.35), margin_scale=32.0, num_epoch=10_000,
-        warmup_epoch=0, max_steps=steps, num_classes=classes, rec=str(rec), output=str(output), seed=seed,
-        frequent=50, verbose=0, val_targets=["val"], num_workers=0, progress=False, save_every_steps=steps,
+        warmup_epoch=0, max_steps=steps, stop_at_step=stop, num_classes=classes, rec=str(rec), output=str(output),
+        seed=seed, frequent=50, verbose=0, val_targets=["val"], num_workers=0, progress=False, save_every_steps=stop,
     )
     for key, value in head.items():
         values[key] = str(rec / "quality.npy") if value == "QUALITY" else value
@@ -137,7 +137,7 @@ def run_one(args: tuple) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for i, stop in enumerate(np.linspace(0, steps, points + 1)[1:].astype(int)):
         cfg = job_config(output.parent / "configs" / f"{head_name}_seed{seed}.py", Path(rec), output, spec,
-                         HEADS[head_name], seed, int(stop))
+                         HEADS[head_name], seed, steps, int(stop))
         cmd = [sys.executable, "-m", "protomem_plugin.train.cli", str(cfg)] + (["--resume"] if i else [])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:

@@ -1,5 +1,5 @@
 """A short version of tools/bench/learning.py: every head trains and is evaluated (mechanics only)."""
-import importlib.util
+import importlib
 import json
 import math
 import sys
@@ -9,11 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("learning_bench", REPO / "tools" / "bench" / "learning.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_bench"] = module  # worker processes find run_one by this name
-    spec.loader.exec_module(module)
-    return module
+    """tools/bench/learning.py imported by name, so that its spawned workers can import it too."""
+    sys.path.insert(0, str(REPO / "tools" / "bench"))
+    return importlib.import_module("learning")
 
 
 def test_every_head_trains_and_is_evaluated(tmp_path):

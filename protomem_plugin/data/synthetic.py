@@ -467,7 +467,8 @@ def _render_pool(gen_args: tuple, workers: int):
         _init_worker(gen_args)
         yield lambda tasks: map(_render_identity, tasks)
         return
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # spawn, not fork: a child forked after the parent used OpenCV's or torch's thread pools can hang
+    ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(gen_args,)) as pool:
         yield lambda tasks: pool.imap(_render_identity, tasks, chunksize=4)
 

@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # spawn: a child forked from a process that already ran torch or OpenCV thread pools can hang
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for result in tqdm(pool.map(run_one, tasks), total=len(tasks), desc="runs"):
             results.append(result)
     summary, table = summarise(results)

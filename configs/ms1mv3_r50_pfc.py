@@ -1,28 +1,10 @@
-from easydict import EasyDict as edict
+"""Partial FC baseline (8 GPUs x 128), sample_rate 1.0."""
+import runpy
+from pathlib import Path
 
-# Partial FC baseline (8 GPUs x 128), sample_rate 1.0.
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
-config.network = "r50"
-config.resume = False
-config.output = "work_dirs/ms1mv3_r50_pfc"
-config.embedding_size = 512
+config = runpy.run_path(str(Path(__file__).with_name("ms1mv3_r50_pm.py")))["config"]
 config.head = "partial_fc"
 config.sample_rate = 1.0
-config.fp16 = True
-config.batch_size = 128
-config.optimizer = "sgd"
-config.lr = 0.1
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.verbose = 2000
-config.frequent = 10
-config.dali = False
-config.rec = "/train_tmp/ms1m-retinaface-t1"
-config.num_classes = 93431
-config.num_image = 5179510
-config.num_epoch = 20
-config.warmup_epoch = 0
-config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
-config.save_all_states = True
-config.num_workers = 2
+for key in ("memory_size", "samples_per_class"):
+    del config[key]
+config.output = "work_dirs/ms1mv3_r50_pfc"

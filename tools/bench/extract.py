@@ -35,18 +35,9 @@ from protomem_plugin.eval.extract import extract_features  # noqa: E402
 from protomem_plugin.eval.ijb_meta import read_image_list  # noqa: E402
 from protomem_plugin.eval.synthetic_ijb import make_synthetic_ijb  # noqa: E402
 from protomem_plugin.export import export_onnx  # noqa: E402
+from machine import cpu_name  # noqa: E402  (tools/bench/machine.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _calibrate(model: torch.nn.Module) -> torch.nn.Module:
@@ -115,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         cosine = float(np.min(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
 
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": args.device,

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name  # tools/bench/machine.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,16 +40,6 @@ CHUNK = 8192
 
 
 # ----------------------------------------------------------------------------- machine
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def meminfo_kb(key: str) -> int:
     for line in open("/proc/meminfo", encoding="utf-8"):
         if line.startswith(key + ":"):
@@ -127,7 +118,6 @@ def estimated_bytes(c: dict) -> int:
 def run_config(c: dict, device_name: str, warmup: int, min_iters: int, max_iters: int, budget_s: float) -> dict:
     """Measure one configuration in this (fresh) process."""
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
     from protomem_plugin.heads import PartialFC, PrototypeMemory

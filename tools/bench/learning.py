@@ -30,6 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_name  # noqa: E402  (tools/bench/machine.py, beside this script)
 
 # regime -> dataset and evaluation tree; identities of the IJB tree use another seed (never trained on)
 REGIMES = {
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in tqdm(pool.map(run_one, tasks), total=len(tasks), desc="runs"):
             results.append(result)
     summary, table = summarise(results)
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "steps": args.steps, "seeds": args.seeds,
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "steps": args.steps, "seeds": args.seeds,
                "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     stem = "learning_quick" if args.quick else "learning"
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": results}, indent=1))
@@ -267,16 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, out)
     print(table)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -122,12 +122,15 @@ def test_sigkill_mid_write_leaves_a_complete_checkpoint(tmp_path):
     """Kill a writer looping over 32 MB saves; the target must always hold one whole save."""
     path = tmp_path / "ckpt.pt"
     killed_mid_write = False
-    for attempt in range(5):
+    for attempt in range(10):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(REPO), str(8 << 20)],
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"
-            time.sleep(0.3 + 0.2 * attempt)
+            deadline = time.time() + 20
+            while not _tmp_files(tmp_path) and time.time() < deadline:  # kill while a write is under way
+                time.sleep(0.001)
+            time.sleep(0.002 * attempt)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)

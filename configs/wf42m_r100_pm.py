@@ -3,22 +3,13 @@ from easydict import EasyDict as edict
 # Prototype Memory, 32 GPUs x 128 (global batch 4096, 2048 classes per step).
 # memory_size 262144: a prototype lives ~128 steps after its last write (see README).
 config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
 config.network = "r100"
-config.resume = False
 config.output = "work_dirs/wf42m_r100_pm"
-config.embedding_size = 512
 config.head = "prototype_memory"
 config.memory_size = 262144
 config.samples_per_class = 2
 config.fp16 = True
-config.batch_size = 128
-config.optimizer = "sgd"
 config.lr = 0.4
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.verbose = 2000
-config.frequent = 10
 config.dali = True
 config.rec = "/train_tmp/WebFace42M"
 config.num_classes = 2059906
@@ -27,4 +18,3 @@ config.num_epoch = 20
 config.warmup_epoch = 2
 config.val_targets = []
 config.save_all_states = True
-config.num_workers = 2

@@ -70,7 +70,7 @@ class _BatchFeed:
         self.next += 1
         keys = self.rec.image_keys[positions]
         encoded = [
-            np.frombuffer(check_image_payload(self.rec.read_image_bytes(int(k)), f"{self.rec.rec_path}: key {int(k)}"), np.uint8)
+            np.frombuffer(check_image_payload(self.rec.read_image_bytes(int(k)), self.rec.where(int(k))), np.uint8)
             for k in keys
         ]
         labels = self.rec.labels[positions].astype(np.int64)

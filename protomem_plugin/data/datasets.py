@@ -41,7 +41,7 @@ class RecImageDataset(Dataset):
         data = self.rec.read_image_bytes(key)
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
         if bgr is None:
-            raise RecordIOError(f"{self.rec.rec_path}: key {key}: payload of {len(data)} bytes is not a decodable image")
+            raise RecordIOError(f"{self.rec.where(key)}: payload of {len(data)} bytes is not a decodable image")
         if bgr.shape[:2] != (self.image_size, self.image_size):
             bgr = cv2.resize(bgr, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
         rgb = bgr[:, ::-1, ::-1] if flip else bgr[:, :, ::-1]  # BGR->RGB by slicing: no OpenCV thread pool

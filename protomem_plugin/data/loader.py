@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .folders import open_train_source
 from .recordio import InsightFaceRec
 from .sampler import GroupedBatchSampler
 
@@ -138,7 +139,8 @@ def build_train_loader(
     doppelganger_mining: bool = False,
     mining_fraction: float = 0.5,
 ) -> TrainLoader:
-    """Training loader over an InsightFace-layout folder (``train.rec``/``train.idx``/``property``).
+    """Training loader over an InsightFace-layout folder (``train.rec``/``train.idx``/``property``)
+    or, as arcface_torch also accepts, an image folder ``rec_dir/<identity>/<image>``.
 
     ``use_dali`` selects the NVIDIA DALI pipeline (GPU decoding when ``device`` is CUDA, CPU
     otherwise) with optional ``dali_aug`` augmentations; else a PyTorch DataLoader with OpenCV
@@ -146,7 +148,7 @@ def build_train_loader(
     composes batches with :class:`~protomem_plugin.data.mining.MiningBatchSampler`, whose
     ``sampler.table`` the training loop updates from the head's reports.
     """
-    rec = InsightFaceRec(rec_dir)
+    rec = open_train_source(rec_dir)
     common_sampler = dict(samples_per_class=samples_per_class, rank=rank, world_size=world_size, seed=seed,
                           drop_last=drop_last)
     if doppelganger_mining:

@@ -517,6 +517,10 @@ class InsightFaceRec:
         """IRHeader and encoded image bytes of one record."""
         return self.record_io._unpack(int(key))
 
+    def where(self, key: int) -> str:
+        """``"<rec path>: key <key>"``, for error messages."""
+        return f"{self.rec_path}: key {int(key)}"
+
     def read_image_bytes(self, key: int) -> bytes:
         """Encoded image bytes stored under ``key``."""
         return self.read_record(key)[1]

@@ -24,8 +24,11 @@ class Head(nn.Module):
     and ``forward(local_embeddings, local_labels, **extras) -> scalar loss`` as arcface_torch's
     ``PartialFC_V2``. ``options`` (a class attribute) declares the head's own config keys as
     ``{name: (type, default, description)}``; the registry validates them.
+    ``needs_identity_groups`` tells loaders (and the arcface_torch hook) that the head learns only
+    from batches made of groups of several images per identity.
     """
 
+    needs_identity_groups: bool = False
     options: dict[str, tuple[type, object, str]] = {
         "logits_chunk": (int, 0, "columns per chunk of the chunked margin softmax (O(B x chunk) memory); 0 = off"),
     }

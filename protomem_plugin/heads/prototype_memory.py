@@ -62,6 +62,7 @@ class _StoredCosines(torch.autograd.Function):
 class PrototypeMemory(Head):
     """Prototype Memory head: a fixed-size, sharded memory of recent class prototypes."""
 
+    needs_identity_groups = True  # a class seen once in a batch has a positive cosine of exactly 1
     options = {
         **Head.options,
         "memory_size": (int, None, "total prototype slots over all ranks; default sample_rate * num_classes"),

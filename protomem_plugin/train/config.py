@@ -52,14 +52,12 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "val_every_epoch": False,     # also verify at the end of every epoch
 }
 
-NETWORKS = ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny")
-
-
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and the key."""
 
 
-def _load_module_config(path: Path) -> edict:
+def load_config_file(path: Path) -> edict:
+    """The ``config`` edict a Python config file defines; :class:`ConfigError` naming the file otherwise."""
     spec = importlib.util.spec_from_file_location(f"_protomem_config_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load config file {path}")
@@ -86,8 +84,8 @@ def get_config(config_file: str | os.PathLike) -> edict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     base_path = path.parent / "base.py"
-    cfg = _load_module_config(base_path) if base_path.is_file() and base_path.resolve() != path.resolve() else edict()
-    job = _load_module_config(path)
+    cfg = load_config_file(base_path) if base_path.is_file() and base_path.resolve() != path.resolve() else edict()
+    job = load_config_file(path)
     cfg.update(job)
     for key, value in PLUGIN_DEFAULTS.items():
         cfg.setdefault(key, value)
@@ -100,32 +98,50 @@ def get_config(config_file: str | os.PathLike) -> edict:
 
 def validate_config(cfg: edict, source: str = "config") -> None:
     """Raise :class:`ConfigError` naming the key for unknown keys and values that cannot run."""
-    from ..registry import available_heads, head_options_from_config
+    from ..backbones import BACKBONE_NAMES
 
-    allowed = known_keys() | {"config_file"}
+    check_known_keys(cfg, known_keys() | {"config_file"}, source)
+    for key in ("rec", "num_classes", "network", "batch_size", "lr", "num_epoch", "embedding_size"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"config key {key!r} is missing in {source}")
+    if cfg.network not in BACKBONE_NAMES:
+        raise ConfigError(f"config key 'network' = {cfg.network!r} in {source} is unknown; valid: {', '.join(BACKBONE_NAMES)}")
+    check_head_keys(cfg, source)
+    check_values(cfg, source)
+
+
+def check_known_keys(cfg: edict, allowed: set[str], source: str) -> None:
+    """Refuse the first key of ``cfg`` outside ``allowed``, suggesting the closest known keys."""
     for key in cfg:
         if key not in allowed:
             close = difflib.get_close_matches(key, sorted(allowed), n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
-    for key in ("rec", "num_classes", "network", "batch_size", "lr", "num_epoch", "embedding_size"):
-        if cfg.get(key) is None:
-            raise ConfigError(f"config key {key!r} is missing in {source}")
-    if cfg.network not in NETWORKS:
-        raise ConfigError(f"config key 'network' = {cfg.network!r} in {source} is unknown; valid: {', '.join(NETWORKS)}")
-    if cfg.head not in available_heads():
-        raise ConfigError(f"config key 'head' = {cfg.head!r} in {source} is unknown; valid: {', '.join(available_heads())}")
+
+
+def check_head_keys(cfg: edict, source: str) -> None:
+    """The head ``cfg.head`` exists and every option given for it is valid."""
+    from ..registry import DEFAULT_HEAD, available_heads, head_options_from_config
+
+    head = cfg.get("head") or DEFAULT_HEAD
+    if head not in available_heads():
+        raise ConfigError(f"config key 'head' = {head!r} in {source} is unknown; valid: {', '.join(available_heads())}")
     try:
-        head_options_from_config(cfg, cfg.head)
+        head_options_from_config(cfg, head)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+def check_values(cfg: edict, source: str) -> None:
+    """Positive integer sizes, batch made of whole identity groups, known optimizer and dtype."""
     for key in ("num_classes", "batch_size", "num_epoch", "embedding_size", "samples_per_class", "gradient_acc", "image_size"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"config key {key!r} in {source} must be a positive integer, got {value!r}")
-    if cfg.batch_size % cfg.samples_per_class:
+    samples_per_class = cfg.get("samples_per_class") or 1
+    if cfg.get("batch_size") and cfg.batch_size % samples_per_class:
         raise ConfigError(
-            f"config key 'batch_size' ({cfg.batch_size}) in {source} must be a multiple of 'samples_per_class' ({cfg.samples_per_class})"
+            f"config key 'batch_size' ({cfg.batch_size}) in {source} must be a multiple of 'samples_per_class' ({samples_per_class})"
         )
     if cfg.get("compute_dtype", "float32") not in ("float32", "float64"):
         raise ConfigError(f"config key 'compute_dtype' in {source} must be 'float32' or 'float64'")

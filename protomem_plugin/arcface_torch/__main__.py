@@ -1,0 +1,4 @@
+"""``python -m protomem_plugin.arcface_torch CHECKOUT CONFIG``."""
+from . import main
+
+main()

@@ -1,0 +1,71 @@
+"""``PartialFC_V2`` under the hook: still a class, building the head that ``config.head`` names.
+
+arcface_torch's ``partial_fc_v2.py`` refers to its class by name inside its own methods
+(``super(PartialFC_V2, self).__init__()``), so the name in that module must stay bound to the
+original class. The hook therefore leaves the module untouched and registers a view of it in
+``sys.modules``: the same attributes, except that ``PartialFC_V2`` is a subclass of the original
+whose construction returns our head when ``config.head`` is set, and the original otherwise.
+``isinstance(head, PartialFC_V2)`` holds for both; subclasses of the name construct normally.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any, Callable
+
+from ..registry import build_head
+
+__all__ = ["dispatching_class", "install_head"]
+
+
+def _arcface_call(margin_loss: Callable, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                  fp16: bool = False) -> dict[str, Any]:
+    return dict(margin_loss=margin_loss, embedding_size=embedding_size, num_classes=num_classes,
+                sample_rate=sample_rate, fp16=fp16)
+
+
+def dispatching_class(original: type, cfg: Any) -> type:
+    """A subclass of ``original`` that builds ``cfg.head`` from the registry when it is set."""
+    built: list[type] = []
+
+    class DispatchingMeta(type(original)):
+        def __call__(cls, *args, **kwargs):
+            if cls is not dispatcher:
+                return super().__call__(*args, **kwargs)
+            if not cfg.get("head"):
+                return original(*args, **kwargs)
+            call = _arcface_call(*args, **kwargs)
+            merged = dict(cfg)
+            merged.update(embedding_size=call["embedding_size"], num_classes=call["num_classes"],
+                          sample_rate=call["sample_rate"], fp16=call["fp16"])
+            head = build_head(merged, call["margin_loss"])
+            built.append(type(head))
+            return head
+
+        def __instancecheck__(cls, obj) -> bool:
+            if cls is dispatcher:
+                return isinstance(obj, (original, *built))
+            return super().__instancecheck__(obj)
+
+        def __subclasscheck__(cls, sub) -> bool:
+            if cls is dispatcher:
+                return issubclass(sub, (original, *built))
+            return super().__subclasscheck__(sub)
+
+    dispatcher = DispatchingMeta(original.__name__, (original,), {
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": f"{original.__name__} under protomem's hook: builds config.head ({cfg.get('head') or 'unset'}).",
+    })
+    return dispatcher
+
+
+def install_head(cfg: Any, module_name: str = "partial_fc_v2") -> type:
+    """Import arcface_torch's head module and publish a view whose ``PartialFC_V2`` dispatches."""
+    real = importlib.import_module(module_name)
+    view = types.ModuleType(real.__name__, real.__doc__)
+    view.__dict__.update(real.__dict__)
+    view.PartialFC_V2 = dispatching_class(real.PartialFC_V2, cfg)
+    sys.modules[module_name] = view
+    return view.PartialFC_V2

@@ -1,9 +1,11 @@
 """Backbones: arcface_torch names/shapes, output shapes, strict reloads, mixed precision."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
 
-from protomem_plugin.backbones import BACKBONE_NAMES, get_model
+from protomem_plugin.backbones import BACKBONE_NAMES, IResNet, get_model
 
 # Blocks per stage, from the public IResNet description (arcface_torch).
 STAGES = {
@@ -12,6 +14,7 @@ STAGES = {
     "r50": (3, 4, 14, 3),
     "r100": (3, 13, 30, 3),
     "r200": (6, 26, 60, 6),
+    "r2060": (3, 128, 896, 3),
 }
 WIDTHS = (64, 128, 256, 512)
 
@@ -132,9 +135,129 @@ def test_mbf_layout_and_output():
     assert model(torch.randn(2, 3, 112, 112)).shape == (2, 512)
 
 
-def test_mbf_rejects_dropout():
+@pytest.mark.parametrize("name", ["mbf", "mbf_large"])
+def test_mbf_rejects_dropout(name):
     with pytest.raises(ValueError, match="no dropout"):
-        get_model("mbf", dropout=0.2)
+        get_model(name, dropout=0.2)
+
+
+def _conv_block(cin, cout, k=1, groups=1):
+    return k * k * cin // groups * cout + 3 * cout  # conv, BN weight+bias, PReLU
+
+
+def _depthwise(cin, cout, g):
+    return _conv_block(cin, g) + _conv_block(g, g, 3, g) + g * cout + 2 * cout
+
+
+def closed_form_mbf_params(blocks, scale, d=512):
+    """MobileFaceNet parameters from the layer rules: stem, second layer (grouped ConvBlock when
+    blocks[0] == 1, else blocks[0] residual bottlenecks of width 128), strided and residual
+    bottlenecks (groups 128, 128, 256, 256, 512, 256), conv_sep to 512, GDC head."""
+    c1, c2 = 64 * scale, 128 * scale
+    total = _conv_block(3, c1, 3)
+    total += _conv_block(c1, c1, 3, 64) if blocks[0] == 1 else blocks[0] * _depthwise(c1, c1, 128)
+    total += _depthwise(c1, c1, 128) + blocks[1] * _depthwise(c1, c1, 128)
+    total += _depthwise(c1, c2, 256) + blocks[2] * _depthwise(c2, c2, 256)
+    total += _depthwise(c2, c2, 512) + blocks[3] * _depthwise(c2, c2, 256)
+    total += _conv_block(c2, 512)
+    return total + (49 * 512 + 2 * 512) + 512 * d + 2 * d
+
+
+@pytest.mark.parametrize("name,blocks,scale", [("mbf", (1, 4, 6, 2), 2), ("mbf_large", (2, 8, 12, 4), 4)])
+def test_mbf_parameter_counts_in_closed_form(name, blocks, scale):
+    model = _meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == closed_form_mbf_params(blocks, scale)
+    # ConvBlock 7 keys, DepthWise 20, GDC 12; the second layer is a ConvBlock or blocks[0] DepthWise
+    second = 7 if blocks[0] == 1 else 20 * blocks[0]
+    assert len(model.state_dict()) == 7 + second + 20 * (3 + sum(blocks[1:])) + 7 + 12
+
+
+def test_mbf_large_layout_and_output():
+    model = get_model("mbf_large")
+    sd = model.state_dict()
+    assert sd["layers.0.layers.0.weight"].shape == (256, 3, 3, 3)
+    # second layer: two residual bottlenecks 256 -> 128 (1x1), depthwise 3x3, 128 -> 256 (1x1)
+    assert sd["layers.1.layers.0.layers.0.layers.0.weight"].shape == (128, 256, 1, 1)
+    assert sd["layers.1.layers.1.layers.1.layers.0.weight"].shape == (128, 1, 3, 3)
+    assert sd["layers.1.layers.1.layers.2.layers.0.weight"].shape == (256, 128, 1, 1)
+    assert "layers.1.layers.2.layers.0.layers.0.weight" not in sd
+    assert sd["layers.2.layers.1.layers.0.weight"].shape == (128, 1, 3, 3)
+    assert sd["layers.3.layers.7.layers.0.layers.0.weight"].shape == (128, 256, 1, 1)
+    assert sd["layers.4.layers.0.layers.0.weight"].shape == (256, 256, 1, 1)
+    assert sd["layers.4.layers.2.layers.0.weight"].shape == (512, 256, 1, 1)
+    assert sd["layers.5.layers.11.layers.1.layers.0.weight"].shape == (256, 1, 3, 3)
+    assert sd["layers.7.layers.3.layers.2.layers.0.weight"].shape == (512, 256, 1, 1)
+    assert sd["conv_sep.layers.0.weight"].shape == (512, 512, 1, 1)
+    assert model.eval()(torch.randn(2, 3, 112, 112)).shape == (2, 512)
+
+
+@pytest.fixture(scope="module")
+def r2060():
+    return _meta_model("r2060")
+
+
+def test_r2060_state_dict_and_parameter_count(r2060):
+    assert _signature(r2060) == expected_iresnet_state(STAGES["r2060"])
+    n = sum(p.numel() for p in r2060.parameters())
+    assert n == closed_form_iresnet_params(STAGES["r2060"])
+    assert 1.12e9 < n < 1.13e9
+
+
+def _record_checkpoints(monkeypatch):
+    iresnet_module = importlib.import_module("protomem_plugin.backbones.iresnet")  # the name is also a function
+    calls = []
+
+    def record(stage, segments, x, use_reentrant):
+        calls.append((len(stage), segments))
+        return stage[0](x)  # the first block alone gives the stage's output shape
+
+    monkeypatch.setattr(iresnet_module, "checkpoint_sequential", record)
+    return calls
+
+
+def test_r2060_checkpoints_layer2_and_layer3_in_training(r2060, monkeypatch):
+    calls = _record_checkpoints(monkeypatch)
+    x = torch.randn(2, 3, 112, 112, device="meta", requires_grad=True)
+    assert r2060.train()(x).shape == (2, 512)
+    assert calls == [(128, 20), (896, 100)]
+
+
+def test_iresnet_checkpoints_only_in_training_with_gradients(monkeypatch):
+    calls = _record_checkpoints(monkeypatch)
+    with torch.device("meta"):
+        model = IResNet((1, 3, 4, 1), checkpoint_segments=(0, 2, 3, 0))
+    x = torch.randn(2, 3, 112, 112, device="meta")
+    model.train()(x)
+    assert calls == [(3, 2), (4, 3)]
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    model.eval()(x)
+    assert calls == []
+    assert _meta_model("r50").checkpoint_segments == (0, 0, 0, 0)
+
+
+def test_iresnet_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = IResNet((1, 2, 3, 1), num_features=32)
+    checkpointed = IResNet((1, 2, 3, 1), num_features=32, checkpoint_segments=(0, 2, 2, 0))
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = {"plain": 0, "checkpointed": 0}
+    # pre-hooks: a recomputation may stop once it has what the backward pass needs
+    plain.layer3[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    checkpointed.layer3[0].register_forward_pre_hook(
+        lambda *_: calls.__setitem__("checkpointed", calls["checkpointed"] + 1))
+    x = torch.randn(2, 3, 112, 112)
+    outputs = [m.train()(x) for m in (plain, checkpointed)]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for out in outputs:
+        out.pow(2).sum().backward()
+    assert calls == {"plain": 1, "checkpointed": 2}  # recomputed in the backward pass
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is None:
+            assert b.grad is None, name
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_unknown_name_lists_valid_names():
@@ -142,7 +265,9 @@ def test_unknown_name_lists_valid_names():
         get_model("r42")
     for name in BACKBONE_NAMES:
         assert name in str(err.value)
-    assert set(BACKBONE_NAMES) == {"r18", "r34", "r50", "r100", "r200", "mbf", "tiny"}
+    assert set(BACKBONE_NAMES) == {
+        "r18", "r34", "r50", "r100", "r200", "r2060", "mbf", "mbf_large", "vit_t", "vit_t_dp005_mask0", "vit_s",
+        "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h", "tiny"}
 
 
 def _randomise_bn_stats(model):

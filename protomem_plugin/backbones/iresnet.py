@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from .precision import trunk_autocast
 
@@ -19,6 +20,12 @@ IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "r50": (3, 4, 14, 3),
     "r100": (3, 13, 30, 3),
     "r200": (6, 26, 60, 6),
+    "r2060": (3, 128, 896, 3),
+}
+
+#: Gradient-checkpointing segments per stage in training (0: none), as arcface_torch trains them.
+IRESNET_CHECKPOINT_SEGMENTS: dict[str, tuple[int, int, int, int]] = {
+    "r2060": (0, 20, 100, 0),
 }
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -55,15 +62,23 @@ class IResNet(nn.Module):
 
     With ``fp16=True`` the convolutional trunk runs under autocast (float16 on CUDA, bfloat16 on CPU)
     while ``fc`` and ``features`` run in float32, as in arcface_torch.
+
+    ``checkpoint_segments`` gives, per stage, the number of segments for
+    ``torch.utils.checkpoint.checkpoint_sequential`` in training with gradients enabled (0: the
+    stage runs plainly). Checkpointing trades compute for memory; outputs and gradients are the same.
     """
 
     fc_scale = 7 * 7
 
     def __init__(self, layers: Sequence[int], dropout: float = 0.0, num_features: int = 512,
-                 zero_init_residual: bool = False, fp16: bool = False) -> None:
+                 zero_init_residual: bool = False, fp16: bool = False,
+                 checkpoint_segments: Sequence[int] = (0, 0, 0, 0)) -> None:
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
+        if len(checkpoint_segments) != 4 or any(int(n) < 0 for n in checkpoint_segments):
+            raise ValueError(f"checkpoint_segments must be 4 counts >= 0, got {list(checkpoint_segments)}")
+        self.checkpoint_segments = tuple(int(n) for n in checkpoint_segments)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.fp16 = fp16
@@ -103,10 +118,17 @@ class IResNet(nn.Module):
         stage.extend(IBasicBlock(planes, planes) for _ in range(1, blocks))
         return nn.Sequential(*stage)
 
+    def _run_stage(self, stage: nn.Sequential, segments: int, x: torch.Tensor) -> torch.Tensor:
+        if segments and self.training and torch.is_grad_enabled():
+            return checkpoint_sequential(stage, segments, x, use_reentrant=False)
+        return stage(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with trunk_autocast(x, self.fp16):
             x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+            for stage, segments in zip(stages, self.checkpoint_segments):
+                x = self._run_stage(stage, segments, x)
             x = self.bn2(x)
             x = torch.flatten(x, 1)
             x = self.dropout(x)
@@ -116,8 +138,13 @@ class IResNet(nn.Module):
 
 def iresnet(name: str, dropout: float = 0.0, fp16: bool = False, num_features: int = 512,
             **kwargs) -> IResNet:
-    """Build the IResNet named ``name`` (one of :data:`IRESNET_LAYERS`)."""
+    """Build the IResNet named ``name`` (one of :data:`IRESNET_LAYERS`).
+
+    Names in :data:`IRESNET_CHECKPOINT_SEGMENTS` (``r2060``) checkpoint their stages in training
+    unless ``checkpoint_segments`` is given.
+    """
     if name not in IRESNET_LAYERS:
         raise ValueError(f"unknown IResNet {name!r}; valid: {sorted(IRESNET_LAYERS)}")
+    kwargs.setdefault("checkpoint_segments", IRESNET_CHECKPOINT_SEGMENTS.get(name, (0, 0, 0, 0)))
     return IResNet(IRESNET_LAYERS[name], dropout=dropout, num_features=num_features, fp16=fp16,
                    **kwargs)

@@ -15,6 +15,12 @@ from .precision import trunk_autocast
 
 Pair = tuple[int, int]
 
+#: arcface_torch's MobileFaceNet names: residual stack depths and width multiplier.
+MBF_CONFIGS: dict[str, dict] = {
+    "mbf": {"blocks": (1, 4, 6, 2), "scale": 2},
+    "mbf_large": {"blocks": (2, 8, 12, 4), "scale": 4},
+}
+
 
 class ConvBlock(nn.Module):
     """Conv (no bias), BatchNorm, PReLU in ``self.layers``."""
@@ -96,7 +102,11 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet for 112x112 faces. ``blocks`` are the residual stack depths, ``scale`` the width."""
+    """MobileFaceNet for 112x112 faces. ``blocks`` are the residual stack depths, ``scale`` the width.
+
+    With ``blocks[0] == 1`` the second layer is one grouped 3x3 ConvBlock (``mbf``), otherwise a
+    stack of ``blocks[0]`` residual DepthWise bottlenecks (``mbf_large``).
+    """
 
     def __init__(self, fp16: bool = False, num_features: int = 512,
                  blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2) -> None:

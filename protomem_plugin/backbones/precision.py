@@ -17,3 +17,10 @@ def trunk_autocast(x: torch.Tensor, enabled: bool) -> contextlib.AbstractContext
     if not enabled or dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
+def cuda_autocast(x: torch.Tensor, enabled: bool) -> contextlib.AbstractContextManager:
+    """float16 autocast switched on (``enabled``) or off when ``x`` is on CUDA; a no-op elsewhere."""
+    if x.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=enabled)

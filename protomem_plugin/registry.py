@@ -114,10 +114,25 @@ def head_options_from_config(cfg: Mapping[str, Any], name: str) -> dict[str, Any
     return options
 
 
+def default_memory_size(cfg: Mapping[str, Any], sample_rate: float) -> int:
+    """``sample_rate * num_classes`` slots, but at least one global batch (``batch_size * world size``).
+
+    A memory smaller than the classes of one global batch cannot run; with ``sample_rate = 0``
+    (arcface_torch's "positives only") the memory holds just the classes of the current batch.
+    """
+    import torch.distributed as dist
+
+    slots = int(round(sample_rate * int(cfg["num_classes"])))
+    if cfg.get("batch_size"):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        slots = max(slots, int(cfg["batch_size"]) * world)
+    return max(1, min(slots, int(cfg["num_classes"])))
+
+
 def build_head(cfg: Mapping[str, Any], margin_loss: Callable, **kwargs: Any) -> nn.Module:
     """Build the head named by ``cfg.head`` with arcface_torch's common keys and the head's options.
 
-    ``memory_size`` defaults to ``sample_rate * num_classes`` when absent. ``kwargs`` (e.g.
+    ``memory_size`` defaults to :func:`default_memory_size` when absent. ``kwargs`` (e.g.
     ``process_group``) are passed to the constructor unchanged.
     """
     name = cfg.get("head", DEFAULT_HEAD) or DEFAULT_HEAD
@@ -128,7 +143,7 @@ def build_head(cfg: Mapping[str, Any], margin_loss: Callable, **kwargs: Any) -> 
     options = head_options_from_config(cfg, name)
     sample_rate = float(cfg.get("sample_rate", 1.0))
     if "memory_size" in cls.options and options.get("memory_size") is None:
-        options["memory_size"] = max(1, int(round(sample_rate * int(cfg["num_classes"]))))
+        options["memory_size"] = default_memory_size(cfg, sample_rate)
     return cls(
         margin_loss,
         int(cfg["embedding_size"]),

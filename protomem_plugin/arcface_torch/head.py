@@ -64,8 +64,10 @@ def dispatching_class(original: type, cfg: Any) -> type:
 def install_head(cfg: Any, module_name: str = "partial_fc_v2") -> type:
     """Import arcface_torch's head module and publish a view whose ``PartialFC_V2`` dispatches."""
     real = importlib.import_module(module_name)
+    original = getattr(real, "_protomem_original", real.PartialFC_V2)  # installing twice wraps the original once
     view = types.ModuleType(real.__name__, real.__doc__)
     view.__dict__.update(real.__dict__)
-    view.PartialFC_V2 = dispatching_class(real.PartialFC_V2, cfg)
+    view.PartialFC_V2 = dispatching_class(original, cfg)
+    view._protomem_original = original
     sys.modules[module_name] = view
     return view.PartialFC_V2

@@ -7,22 +7,32 @@ so train_v2's ``if isinstance(train_loader, DataLoader): train_loader.sampler.se
 selects every epoch, the DALI path included (and a resumed run starts at the right epoch);
 ``reset()``, which train_v2 calls after each epoch when ``config.dali``, has nothing to do.
 ``.rec`` folders and image folders (``root/<identity>/<image>``) are read, as arcface_torch reads
-them; ``rec = "synthetic"`` (arcface_torch's speed-test data) is left to arcface_torch's loader.
+them; ``rec = "synthetic"`` (arcface_torch's speed-test data) gets our speed-test loader (see
+:mod:`protomem_plugin.data.speedtest`), or arcface_torch's own for PartialFC_V2 where it runs.
+With ``PROTOMEM_BATCH_LOG=<folder>`` in the environment every rank logs its batches there.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import distributed
 from torch.utils.data import DataLoader
 
 from ..data.folders import ImageFolderSource
 from ..data.loader import TrainLoader, build_train_loader
+from ..data.speedtest import SPEED_TEST_REC, build_speed_test_loader
 from .compat import note
 
-__all__ = ["GroupedLoaderX", "make_get_dataloader"]
+__all__ = ["BATCH_LOG_ENV", "GroupedLoaderX", "make_get_dataloader"]
+
+#: When set to a folder, every rank appends its batches (image positions, labels) to
+#: ``<folder>/batches_rank<r>.jsonl``: a way to see what the head is fed.
+BATCH_LOG_ENV = "PROTOMEM_BATCH_LOG"
 
 
 class GroupedLoaderX(DataLoader):
@@ -51,7 +61,20 @@ class GroupedLoaderX(DataLoader):
         if self._iterated_since_set:
             self.loader.set_epoch(self.loader.epoch + 1)
         self._iterated_since_set = True
-        return iter(self.loader)
+        log_dir = os.environ.get(BATCH_LOG_ENV)
+        return iter(self.loader) if not log_dir else self._logged(log_dir)
+
+    def _logged(self, log_dir: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate while appending each batch's image positions and labels to a per-rank JSON-lines file."""
+        sampler = self.loader.sampler
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, f"batches_rank{sampler.rank}.jsonl"), "a") as log:
+            for step, (images, labels) in enumerate(self.loader):
+                positions = self.loader.current_positions
+                log.write(json.dumps({"epoch": self.loader.epoch, "step": step, "rank": sampler.rank,
+                                      "world_size": sampler.world_size, "positions": np.asarray(positions).tolist(),
+                                      "labels": labels.tolist()}) + "\n")
+                yield images, labels
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -67,19 +90,24 @@ def _device(local_rank: int) -> torch.device:
 def make_get_dataloader(cfg: Any, samples_per_class: int, fallback: Callable | None, reason: str) -> Callable:
     """A drop-in for arcface_torch's ``get_dataloader`` building our loader with ``samples_per_class``.
 
-    ``fallback`` (arcface_torch's own function, when it can be imported) serves ``rec="synthetic"``.
+    ``fallback`` (arcface_torch's own function, when it can be imported) serves ``rec="synthetic"``
+    when no identity groups are needed.
     ``reason`` is logged once with what was replaced.
     """
 
     def get_dataloader(root_dir, local_rank, batch_size, dali=False, dali_aug=False, seed=2048, num_workers=2):
-        if root_dir == "synthetic":
-            if fallback is None:
-                raise ValueError("rec = 'synthetic' selects arcface_torch's speed-test data, whose loader could not be "
-                                 "imported here; point config.rec at a .rec folder or an image folder")
-            note("rec = 'synthetic': arcface_torch's own speed-test loader is kept (no identity groups)")
-            return fallback(root_dir, local_rank, batch_size, dali, dali_aug, seed, num_workers)
         rank = distributed.get_rank() if distributed.is_initialized() else 0
         world_size = distributed.get_world_size() if distributed.is_initialized() else 1
+        if root_dir == SPEED_TEST_REC:
+            if fallback is not None and samples_per_class == 1:
+                note("rec = 'synthetic': arcface_torch's own speed-test loader is kept")
+                return fallback(root_dir, local_rank, batch_size, dali, dali_aug, seed, num_workers)
+            note(f"get_dataloader -> protomem speed-test data ({reason}): one fixed image, samples_per_class="
+                 f"{samples_per_class}")
+            return GroupedLoaderX(build_speed_test_loader(
+                int(cfg.num_image), int(cfg.num_classes), batch_size, samples_per_class=samples_per_class, rank=rank,
+                world_size=world_size, seed=2048 if seed is None else seed, device=str(_device(local_rank)),
+                image_size=int(cfg.get("image_size", 112))))
         loader = build_train_loader(
             root_dir, batch_size, samples_per_class=samples_per_class, rank=rank, world_size=world_size,
             seed=2048 if seed is None else seed, use_dali=bool(dali), dali_aug=bool(dali_aug),

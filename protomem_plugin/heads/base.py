@@ -50,8 +50,8 @@ class Head(nn.Module):
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
         if int(num_classes) <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if not 0.0 < float(sample_rate) <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0.0 <= float(sample_rate) <= 1.0:  # 0: positives only (arcface_torch's wf42m_pfc0008 job)
+            raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         if isinstance(logits_chunk, bool) or int(logits_chunk) < 0:
             raise ValueError(f"logits_chunk must be a non-negative integer (0 = off), got {logits_chunk!r}")
         self.margin_loss = margin_loss

@@ -58,6 +58,8 @@ class PartialFC(Head):
         One base seed is drawn from the global generator (seeded alike on every rank); class
         block ``b`` of :attr:`init_block` classes is drawn from a generator seeded ``base + b``.
         """
+        if torch.empty(0).is_meta:  # built under torch.device("meta"): shapes only
+            return torch.empty(self.num_local, self.embedding_size)
         base = int(torch.randint(0, 2**62, (1,)))
         end = self.class_start + self.num_local
         rows = []

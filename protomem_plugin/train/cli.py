@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="config file, e.g. configs/synthetic_pm.py (base.py beside it is loaded first)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--resume", action="store_true", help="resume from output/checkpoint_gpu_{rank}.pt")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check that the config builds (network and head on the meta device, no data) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -41,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"protomem-train: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from .dry_run import dry_run
+
+        try:
+            summary = dry_run(cfg)
+        except ConfigError as exc:
+            print(f"protomem-train: {args.config}: {exc}", file=sys.stderr)
+            return 2
+        print("builds: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        return 0
     from .trainer import train
 
     try:

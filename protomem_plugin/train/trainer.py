@@ -35,6 +35,10 @@ class NonFiniteLossError(RuntimeError):
 
 def prepare_dataset(cfg, runtime: Runtime) -> None:
     """Generate the synthetic dataset named by ``cfg.synthetic`` into ``cfg.rec`` if absent (rank 0)."""
+    from ..data.speedtest import SPEED_TEST_REC
+
+    if cfg.rec == SPEED_TEST_REC:
+        return
     rec = Path(cfg.rec)
     if cfg.get("synthetic"):
         if runtime.is_main:
@@ -42,15 +46,24 @@ def prepare_dataset(cfg, runtime: Runtime) -> None:
 
             make_synthetic_dataset(str(rec), **dict(cfg.synthetic), progress=bool(cfg.progress))
         runtime.barrier()
-    for name in ("train.rec", "train.idx"):
-        if not (rec / name).is_file():
-            raise ConfigError(f"config key 'rec' = {cfg.rec!r}: {rec / name} does not exist")
+    if not rec.is_dir():
+        raise ConfigError(f"config key 'rec' = {cfg.rec!r}: the dataset folder {rec} does not exist "
+                          "(expected train.rec/train.idx, or identity sub-folders of images)")
+    if (rec / "train.rec").is_file() != (rec / "train.idx").is_file():
+        missing = "train.idx" if (rec / "train.rec").is_file() else "train.rec"
+        raise ConfigError(f"config key 'rec' = {cfg.rec!r}: {rec / missing} does not exist")
 
 
 def build_loader(cfg, runtime: Runtime):
     """The training loader of this rank (DALI when ``cfg.dali``), labels checked against num_classes."""
     from ..data.loader import build_train_loader
+    from ..data.speedtest import SPEED_TEST_REC, build_speed_test_loader
 
+    if cfg.rec == SPEED_TEST_REC:
+        return build_speed_test_loader(
+            int(cfg.num_image), int(cfg.num_classes), cfg.batch_size, samples_per_class=cfg.samples_per_class,
+            rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed, device=str(runtime.device),
+            image_size=cfg.image_size)
     loader = build_train_loader(
         cfg.rec, cfg.batch_size, samples_per_class=cfg.samples_per_class, rank=runtime.rank,
         world_size=runtime.world_size, seed=cfg.seed, use_dali=bool(cfg.dali), dali_aug=bool(cfg.dali_aug),

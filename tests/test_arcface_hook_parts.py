@@ -1,0 +1,111 @@
+"""The hook's parts in one process: the dispatching PartialFC_V2, config resolution and checks."""
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from easydict import EasyDict as edict
+
+from protomem_plugin.arcface_torch.config import load_hook_config, resolve_config_path, unused_keys
+from protomem_plugin.arcface_torch.head import install_head
+from protomem_plugin.heads import PartialFC, PrototypeMemory
+from protomem_plugin.losses import CombinedMarginLoss
+from protomem_plugin.train.config import ConfigError
+
+STANDIN = Path(__file__).parent / "arcface_standin"
+
+HEAD_MODULE = """
+import torch
+
+
+class PartialFC_V2(torch.nn.Module):
+    def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False):
+        super(PartialFC_V2, self).__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(num_classes, embedding_size))
+
+    def describe(self):
+        return type(self).__name__
+"""
+
+
+@pytest.fixture()
+def head_module(tmp_path, monkeypatch):
+    name = f"pfc_under_test_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(HEAD_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def margin():
+    return CombinedMarginLoss(64, 1.0, 0.0, 0.4)
+
+
+def test_without_head_the_original_class_is_built_and_its_super_call_works(head_module):
+    cls = install_head(edict(), head_module)
+    original = cls.__mro__[1]  # the module's own class, still bound to its name inside the module
+    head = cls(margin(), 8, 10, 1.0, False)  # its super(PartialFC_V2, self) resolves to the original
+    assert type(head) is original and isinstance(head, cls) and isinstance(head, torch.nn.Module)
+    assert head.weight.shape == (10, 8) and isinstance(cls, type) and cls.__name__ == "PartialFC_V2"
+    head.load_state_dict(cls(margin(), 8, 10).state_dict())
+
+
+def test_with_head_the_registry_head_is_built_and_is_an_instance(head_module):
+    cfg = edict(head="prototype_memory", memory_size=6, samples_per_class=2, batch_size=4)
+    cls = install_head(cfg, head_module)
+    head = cls(margin(), 8, 10, sample_rate=1.0, fp16=False)
+    assert type(head) is PrototypeMemory and isinstance(head, cls)
+    assert head.memory_size == 6 and head.num_classes == 10 and head.embedding_size == 8
+    partial = install_head(edict(head="partial_fc"), head_module)(margin(), 8, 10, 0.5, False)
+    assert type(partial) is PartialFC and partial.num_sample == 5
+
+
+def test_subclass_of_the_hooked_name_constructs_normally(head_module):
+    cls = install_head(edict(head="prototype_memory"), head_module)
+
+    class Mine(cls):
+        pass
+
+    mine = Mine(margin(), 8, 10)
+    assert type(mine) is Mine and mine.describe() == "Mine" and mine.weight.shape == (10, 8)
+
+
+def test_config_path_resolution_prefers_the_current_directory(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "configs").mkdir(parents=True)
+    (checkout / "configs" / "job.py").write_text("")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "job.py").write_text("")
+    assert resolve_config_path(checkout, "configs/job.py", cwd=tmp_path) == (tmp_path / "configs" / "job.py").resolve()
+    (tmp_path / "configs" / "job.py").unlink()
+    assert resolve_config_path(checkout, "configs/job.py", cwd=tmp_path) == (checkout / "configs" / "job.py").resolve()
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config_path(checkout, "configs/other.py", cwd=tmp_path)
+
+
+def test_base_comes_from_the_job_folder_else_the_checkout(tmp_path):
+    job = tmp_path / "mine" / "job.py"
+    job.parent.mkdir()
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text())
+    cfg = load_hook_config(STANDIN, job)
+    assert cfg.network == "tiny" and cfg.output == "work_dirs/job" and cfg.samples_per_class == 4
+    (job.parent / "base.py").write_text((STANDIN / "configs" / "base.py").read_text().replace('"tiny"', '"mbf"'))
+    assert load_hook_config(STANDIN, job).network == "mbf"
+
+
+def test_keys_of_the_recipe_that_train_v2_ignores_are_listed(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.max_steps = 3\nconfig.margin_scale = 32.0\n")
+    cfg = load_hook_config(STANDIN, job)
+    assert unused_keys(cfg) == ["margin_scale", "max_steps"]
+
+
+def test_wrong_value_types_are_refused(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.samples_per_class = 3\n")
+    with pytest.raises(ConfigError, match="multiple of 'samples_per_class'"):
+        load_hook_config(STANDIN, job)
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.memory_size = 'many'\n")
+    with pytest.raises(ConfigError, match="memory_size"):
+        load_hook_config(STANDIN, job)

@@ -5,14 +5,22 @@ output (batch, D), no Sub/Mul preprocessing at the head of the graph. The model 
 normalised as ``(x/255 - 0.5)/0.5``; insightface then feeds it with mean = std = 127.5 and
 swaps BGR -> RGB itself, so ``ArcFaceONNX.get_feat(bgr_image)`` equals the PyTorch model on the
 RGB image.
+
+Models whose graph exceeds protobuf's 2 GiB limit (``r2060``, ``vit_h``) are written in ONNX's
+external data format: the graph in ``<name>.onnx`` and the weights in one side file
+``<name>.onnx.data`` next to it, which onnxruntime and insightface read from the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import io
+import itertools
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,42 +32,87 @@ OUTPUT_NAME = "embedding"
 IMAGE_SIZE = 112
 DEFAULT_OPSET = 17
 HEAD_NODES = 8  # insightface inspects the first 8 nodes for mxnet-style Sub/Mul preprocessing
+EXTERNAL_DATA_SUFFIX = ".data"
+EXTERNAL_DATA_MIN_BYTES = 1024  # smaller tensors stay inside the graph file
 
 
 class OnnxContractError(ValueError):
     """An ONNX file does not follow the recognition-model contract."""
 
 
+@contextlib.contextmanager
+def _float32_cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode, float32 on CPU, with ``fp16`` off; the caller's model is left as it was.
+
+    A model already float32 on CPU is used in place (its modes are restored afterwards), so a
+    multi-GB backbone is not copied; any other is deep-copied and converted.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if not all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        converted = copy.deepcopy(model).float().cpu().eval()
+        if hasattr(converted, "fp16"):
+            converted.fp16 = False
+        yield converted
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    fp16 = getattr(model, "fp16", None)
+    model.eval()
+    if fp16 is not None:
+        model.fp16 = False  # export the float32 graph; autocast regions do not trace to ONNX
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        if fp16 is not None:
+            model.fp16 = fp16
+
+
 def export_onnx(
-    model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, image_size: int = IMAGE_SIZE
+    model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, image_size: int = IMAGE_SIZE,
+    external_data: bool | None = None,
 ) -> Path:
-    """Export ``model`` (float32, eval mode, on CPU) to ``path`` and check the result.
+    """Export ``model`` (as float32, eval mode, on CPU) to ``path`` and check the result.
 
     Uses PyTorch's TorchScript-based exporter, which writes a plain graph with the input name
-    and dynamic batch axis the contract needs. Raises :class:`OnnxContractError` if the graph
-    breaks the contract.
+    and dynamic batch axis the contract needs. ``external_data``: ``None`` writes the weights to
+    the side file ``<path>.data`` only when the graph would exceed protobuf's 2 GiB limit, ``True``
+    always, ``False`` never (a larger model then raises). A stale side file is removed. Raises
+    :class:`OnnxContractError` if the graph breaks the contract.
     """
+    import onnx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).float().cpu().eval()
-    if hasattr(model, "fp16"):
-        model.fp16 = False  # export the float32 graph; autocast regions do not trace to ONNX
+    data_path = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     dummy = torch.zeros(1, 3, image_size, image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        buffer = io.BytesIO()
-        torch.onnx.export(
-            model,
-            (dummy,),
-            buffer,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    path.write_bytes(buffer.getvalue())
+    with _float32_cpu_eval(model) as ready, tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # given a file name, the exporter writes one file per tensor beside it above 2 GiB
+            torch.onnx.export(
+                ready,
+                (dummy,),
+                str(staged),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        too_large = any(p != staged for p in Path(tmp).iterdir())
+        if too_large and external_data is False:
+            raise OnnxContractError(f"{path}: the graph exceeds protobuf's 2 GiB limit; export with external data")
+        data_path.unlink(missing_ok=True)
+        if too_large or external_data:
+            graph = onnx.load(str(staged))
+            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_path.name, size_threshold=EXTERNAL_DATA_MIN_BYTES)
+            del graph
+        else:
+            os.replace(staged, path)
     check_onnx_model(path, image_size=image_size)
     return path
 
@@ -71,12 +124,11 @@ def check_onnx_model(path: str | Path, image_size: int = IMAGE_SIZE) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
-    model = onnx.load(str(path))
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: works with external data and above 2 GiB
     except onnx.checker.ValidationError as err:
         raise OnnxContractError(f"{path}: onnx.checker rejects the model: {err}") from None
-    graph = model.graph
+    graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
@@ -107,17 +159,18 @@ def onnxruntime_parity(model: nn.Module, path: str | Path, batch_sizes: tuple[in
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    model = copy.deepcopy(model).float().cpu().eval()
     generator = torch.Generator().manual_seed(seed)
     result = {}
-    for batch in batch_sizes:
-        x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1
-        with torch.inference_mode():
-            expected = model(x).numpy()
-        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
-        if got.shape != expected.shape:
-            raise OnnxContractError(f"{path}: output shape {got.shape} for batch {batch}, PyTorch gives {expected.shape}")
-        result[batch] = float(np.max(np.abs(got - expected)))
+    with _float32_cpu_eval(model) as ready:
+        for batch in batch_sizes:
+            x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1
+            with torch.inference_mode():
+                expected = ready(x).numpy()
+            got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+            if got.shape != expected.shape:
+                raise OnnxContractError(
+                    f"{path}: output shape {got.shape} for batch {batch}, PyTorch gives {expected.shape}")
+            result[batch] = float(np.max(np.abs(got - expected)))
     return result
 
 
@@ -142,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     path = export_onnx(model, args.output, opset=args.opset)
     parity = onnxruntime_parity(model, path)
     print(f"wrote {path} (input {INPUT_NAME!r}: batch x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}, opset {args.opset})")
+    data_path = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    if data_path.is_file():
+        print(f"weights in the external data file {data_path} (keep it next to {path.name})")
     for batch, diff in parity.items():
         print(f"onnxruntime vs PyTorch, batch {batch}: max abs difference {diff:.3e}")
     return 0

@@ -12,6 +12,8 @@ from protomem_plugin.backbones import get_model
 from protomem_plugin.eval.embedders import OnnxEmbedder
 from protomem_plugin.export import OnnxContractError, check_onnx_model, export_onnx, main, onnxruntime_parity
 
+EXPORTED_NAMES = ["mbf", "mbf_large", "vit_t"]
+
 
 def calibrated_backbone(name: str = "mbf", num_features: int = 64, seed: int = 0) -> torch.nn.Module:
     """A random backbone whose BatchNorm statistics are estimated on random faces-sized inputs,
@@ -28,10 +30,10 @@ def calibrated_backbone(name: str = "mbf", num_features: int = 64, seed: int = 0
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = calibrated_backbone()
-    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "mbf.onnx")
+@pytest.fixture(scope="module", params=EXPORTED_NAMES)
+def exported(request, tmp_path_factory):
+    model = calibrated_backbone(request.param)
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
     return model, path
 
 
@@ -76,8 +78,8 @@ def test_insightface_arcfaceonnx_matches_pytorch(exported, batch):
     assert cos_swapped.max() < 0.9999
 
 
-def test_cli_exports_a_state_dict(exported, tmp_path, capsys):
-    model, _ = exported
+def test_cli_exports_a_state_dict(tmp_path, capsys):
+    model = calibrated_backbone("mbf")
     weights = tmp_path / "model.pt"
     torch.save(model.state_dict(), weights)
     out = tmp_path / "m.onnx"
@@ -130,3 +132,56 @@ def test_sub_mul_head_is_rejected_as_insightface_would_misread_it(tmp_path):
     assert insightface_get_model(str(path), providers=["CPUExecutionProvider"]).input_std == 1.0
     with pytest.raises(OnnxContractError, match=r"submul\.onnx.*Sub/Mul"):
         check_onnx_model(path)
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    model = get_model("r18", num_features=64, fp16=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "r18.onnx")
+    assert model.fp16 is True
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    model = calibrated_backbone("mbf")
+    folder = tmp_path_factory.mktemp("external")
+    path = export_onnx(model, folder / "mbf.onnx", external_data=True)
+    return model, path
+
+
+def test_external_data_puts_the_weights_in_one_side_file(external):
+    model, path = external
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mbf.onnx", "mbf.onnx.data"]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    external_tensors = [t for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    locations = {e.value for t in external_tensors for e in t.external_data if e.key == "location"}
+    assert locations == {"mbf.onnx.data"}
+    n_weights = sum(p.numel() for p in model.parameters())
+    # the weights (float32) are in the side file; the graph file keeps only small tensors and nodes
+    assert path.with_name("mbf.onnx.data").stat().st_size >= 0.95 * 4 * n_weights
+    assert path.stat().st_size < 0.05 * 4 * n_weights
+    check_onnx_model(path)
+    assert max(onnxruntime_parity(model, path, batch_sizes=(1, 4)).values()) < 1e-4
+
+
+def test_insightface_loads_an_external_data_model(external):
+    model, path = external
+    arcface = insightface_get_model(str(path), providers=["CPUExecutionProvider"])
+    assert isinstance(arcface, ArcFaceONNX) and arcface.input_std == 127.5
+    bgr = np.random.default_rng(0).integers(0, 256, size=(2, 112, 112, 3), dtype=np.uint8)
+    rgb = torch.from_numpy(bgr[..., ::-1].copy()).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        torch_feat = model((rgb / 255 - 0.5) / 0.5).numpy()
+    np.testing.assert_allclose(arcface.get_feat(list(bgr)), torch_feat, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_export_removes_a_stale_side_file(external, tmp_path):
+    model, _ = external
+    path = export_onnx(model, tmp_path / "m.onnx", external_data=True)
+    assert path.with_name("m.onnx.data").is_file()
+    export_onnx(model, path)
+    assert not path.with_name("m.onnx.data").exists()
+    assert not onnx.load(str(path), load_external_data=False).graph.initializer[0].external_data
+    check_onnx_model(path)

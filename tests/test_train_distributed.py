@@ -109,3 +109,14 @@ def test_resume_two_ranks_on_one_and_one_on_two(tmp_path, tiny_rec):
     for r, shard in enumerate(shards):
         stored = shard["slot_class"]
         assert torch.all(stored[stored >= 0] % 2 == r)
+
+
+@pytest.mark.parametrize("network", ["vit_t_dp005_mask0", "mbf_large"])
+def test_arcface_torch_networks_train_on_two_ranks(tmp_path, network):
+    # vit_t_dp005_mask0 never uses its mask token (mask ratio 0): DDP must not wait for its gradient;
+    # rec = "synthetic" is arcface_torch's speed-test data (no files)
+    config = write_config(tmp_path, "job", network=network, image_size=112, rec="synthetic", num_image=64,
+                          num_classes=200, batch_size=4, max_steps=2, val_targets=[], head="prototype_memory",
+                          memory_size=64, deterministic=False)
+    run_distributed(train_worker, 2, str(config), {"output": str(tmp_path / "out")})
+    assert sorted(read_losses(tmp_path / "out")) == [1, 2]

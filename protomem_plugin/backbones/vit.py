@@ -176,6 +176,11 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self._initialize_weights()
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Without masking the mask token takes no part in training: DDP must not wait for its gradient."""
+        return self.mask_ratio == 0
+
     def _initialize_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         nn.init.normal_(self.mask_token, std=INIT_STD)

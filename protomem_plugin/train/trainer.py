@@ -155,7 +155,9 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             backbone, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
-            broadcast_buffers=False, bucket_cap_mb=16)
+            broadcast_buffers=False, bucket_cap_mb=16,
+            # a ViT without masking never uses its mask token: DDP must not wait for its gradient
+            find_unused_parameters=bool(getattr(backbone, "ddp_find_unused_parameters", False)))
     set_train_mode(backbone, bool(cfg.freeze_bn))
     optimizer = build_optimizer(cfg, backbone.parameters(), head.parameters())
     steps_per_epoch = len(loader)

@@ -10,8 +10,8 @@ PartialFC_V2) and once with ``head = "prototype_memory"``. Records, per run:
 * from the batch log (``PROTOMEM_BATCH_LOG``): whether every batch is made of identity groups of
   ``samples_per_class`` and whether the ranks' batches of a step are disjoint.
 
-Each finished run is cached in tools/bench/results/hook_runs/; results go to
-tools/bench/results/hook.json, hook.png and hook.md.
+Each finished run is cached in tools/bench/results/<tag>_runs/; results go to
+tools/bench/results/<tag>.json, <tag>.png and <tag>.md (tag ``hook`` by default).
 
     python tools/bench/hook.py /path/to/insightface/recognition/arcface_torch
 """
@@ -48,6 +48,7 @@ config.network = "mbf"
 config.embedding_size = 512
 config.batch_size = {batch_size}
 config.lr = {lr}
+config.sample_rate = {sample_rate}
 config.rec = {rec!r}
 config.num_classes = {identities}
 config.num_image = {num_image}
@@ -61,9 +62,8 @@ config.seed = {seed}
 config.output = {output!r}
 """
 PM_KEYS = """config.head = "prototype_memory"
-config.memory_size = {identities}
 config.samples_per_class = {k}
-"""
+"""  # memory_size: the default, sample_rate * num_classes (at least one global batch)
 
 
 def batch_checks(log_dir: pathlib.Path, k: int) -> dict:
@@ -78,8 +78,9 @@ def batch_checks(log_dir: pathlib.Path, k: int) -> dict:
             "ranks_disjoint": disjoint}
 
 
-def run_one(args, name: str, head: str, nproc: int, seed: int, data: str, work: pathlib.Path) -> dict:
-    cache = RESULTS / "hook_runs" / f"{name}.json"
+def run_one(args, name: str, head: str, nproc: int, seed: int, lr: float, k: int, data: str,
+            work: pathlib.Path) -> dict:
+    cache = RESULTS / f"{args.tag}_runs" / f"{name}.json"
     if cache.is_file() and not args.force:
         return json.loads(cache.read_text())
     out = work / name
@@ -87,12 +88,11 @@ def run_one(args, name: str, head: str, nproc: int, seed: int, data: str, work: 
     num_image = args.identities * args.images_per_identity
     per_rank = args.batch_size // nproc
     steps_per_epoch = num_image // args.batch_size
-    job = JOB.format(batch_size=per_rank, lr=args.lr, rec=data, identities=args.identities, num_image=num_image,
+    job = JOB.format(batch_size=per_rank, lr=lr, sample_rate=args.sample_rate, rec=data, identities=args.identities, num_image=num_image,
                      epochs=args.epochs, verbose=steps_per_epoch * args.verify_every_epochs, seed=seed,
                      output=str(out / "output"))
-    k = args.samples_per_class if head == "prototype_memory" else 1
     if head == "prototype_memory":
-        job += PM_KEYS.format(identities=args.identities, k=k)
+        job += PM_KEYS.format(k=k)
     (out / "job.py").write_text(job)
     env = {**os.environ, "PROTOMEM_BATCH_LOG": str(out / "batches"), "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -108,7 +108,8 @@ def run_one(args, name: str, head: str, nproc: int, seed: int, data: str, work: 
     model = get_model("mbf", num_features=512)
     model.load_state_dict(torch.load(out / "output" / "model.pt", weights_only=True), strict=True)
     final = evaluate_bin(model, os.path.join(data, "val.bin"))
-    result = {"name": name, "head": head or "PartialFC_V2 (arcface_torch)", "nproc": nproc, "seed": seed,
+    result = {"name": name, "head": head or "PartialFC_V2 (arcface_torch)", "nproc": nproc, "seed": seed, "lr": lr,
+              "sample_rate": args.sample_rate,
               "samples_per_class": k, "steps": steps_per_epoch * args.epochs, "wall_s": round(wall, 1),
               "curve": curve, "model_pt_accuracy": final["accuracy"], **batch_checks(out / "batches", k)}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
         steps, acc = zip(*r["curve"]) if r["curve"] else ((), ())
         style = "-" if r["head"] == "prototype_memory" else "--"
         ax.plot(steps, [100 * a for a in acc], style, marker="o",
-                label=f"{'PM' if r['head'] == 'prototype_memory' else 'PartialFC_V2'}, {r['nproc']} proc, seed {r['seed']}")
+                label=f"{'PM K=' + str(r['samples_per_class']) if r['head'] == 'prototype_memory' else 'PartialFC_V2'}, "
+                      f"lr {r['lr']:g}, {r['nproc']} proc, seed {r['seed']}")
     ax.set_xlabel("train_v2 global step")
     ax.set_ylabel("held-out verification accuracy (%)")
     ax.set_title("arcface_torch train_v2 through the hook (mbf, 112 px synthetic)")
@@ -138,11 +140,11 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | head | processes | K | steps | accuracy (train_v2 log) | accuracy (model.pt) | identity groups | ranks disjoint | wall |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| run | head | lr | processes | K | steps | accuracy (train_v2 log) | accuracy (model.pt) | identity groups | ranks disjoint | wall |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in results:
         logged = f"{100 * r['curve'][-1][1]:.1f}" if r["curve"] else "-"
-        lines.append(f"| {r['name']} | {r['head']} | {r['nproc']} | {r['samples_per_class']} | {r['steps']} | {logged} | "
+        lines.append(f"| {r['name']} | {r['head']} | {r['lr']:g} | {r['nproc']} | {r['samples_per_class']} | {r['steps']} | {logged} | "
                      f"{100 * r['model_pt_accuracy']:.1f} | {'yes' if r['identity_groups'] else 'no'} | "
                      f"{'yes' if r['ranks_disjoint'] else 'no'} | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
@@ -154,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "protomem_bench_hook"))
     parser.add_argument("--identities", type=int, default=128)
     parser.add_argument("--images-per-identity", type=int, default=8)
+    parser.add_argument("--val-identities", type=int, default=64)
     parser.add_argument("--val-pairs", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch")
-    parser.add_argument("--samples-per-class", type=int, default=2)
+    parser.add_argument("--pm-samples-per-class", type=int, nargs="+", default=[2], help="K of the PM runs")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--verify-every-epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.1], help="the job's lr (both heads)")
+    parser.add_argument("--sample-rate", type=float, default=1.0,
+                        help="the job's sample_rate: Partial FC's share of centres, PM's memory share")
+    parser.add_argument("--tag", default="hook", help="name of the results files and run cache")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--force", action="store_true", help="rerun cached runs")
@@ -167,23 +173,23 @@ def main(argv: list[str] | None = None) -> int:
     args.checkout = str(pathlib.Path(args.checkout).resolve())
     work = pathlib.Path(args.work_dir)
     data = str(work / f"synthetic_s112_n{args.identities}_k{args.images_per_identity}")
-    make_synthetic_dataset(data, args.identities, args.images_per_identity, val_identities=64,
+    make_synthetic_dataset(data, args.identities, args.images_per_identity, val_identities=args.val_identities,
                            val_pairs=args.val_pairs, image_size=112, seed=0)
     results = []
-    for seed in args.seeds:
-        for nproc in args.nprocs:
-            for head in ("", "prototype_memory"):
-                name = f"{'pm' if head else 'pfc'}_np{nproc}_seed{seed}"
-                results.append(run_one(args, name, head, nproc, seed, data, work))
-                print(f"{name}: {results[-1]['model_pt_accuracy']:.4f} in {results[-1]['wall_s']} s", flush=True)
+    plan = [(seed, nproc, lr, head, k) for seed in args.seeds for nproc in args.nprocs for lr in args.lrs
+            for head, ks in (("", [1]), ("prototype_memory", args.pm_samples_per_class)) for k in ks]
+    for seed, nproc, lr, head, k in plan:
+        name = f"{'pm_k' + str(k) if head else 'pfc'}_lr{lr:g}_np{nproc}_seed{seed}"
+        results.append(run_one(args, name, head, nproc, seed, lr, k, data, work))
+        print(f"{name}: {results[-1]['model_pt_accuracy']:.4f} in {results[-1]['wall_s']} s", flush=True)
     RESULTS.mkdir(exist_ok=True)
     commit = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, no GPU", "torch": torch.__version__,
             "arcface_torch_commit": commit or "unknown", "args": {k: v for k, v in vars(args).items() if k != "force"}}
-    (RESULTS / "hook.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
-    plot(results, RESULTS / "hook.png")
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    plot(results, RESULTS / f"{args.tag}.png")
     md = table(results)
-    (RESULTS / "hook.md").write_text(md + "\n")
+    (RESULTS / f"{args.tag}.md").write_text(md + "\n")
     print(md)
     return 0
 

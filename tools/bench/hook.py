@@ -118,23 +118,25 @@ def run_one(args, name: str, head: str, nproc: int, seed: int, lr: float, k: int
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:
+    """One bar per run: held-out accuracy of the saved model.pt."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        steps, acc = zip(*r["curve"]) if r["curve"] else ((), ())
-        style = "-" if r["head"] == "prototype_memory" else "--"
-        ax.plot(steps, [100 * a for a in acc], style, marker="o",
-                label=f"{'PM K=' + str(r['samples_per_class']) if r['head'] == 'prototype_memory' else 'PartialFC_V2'}, "
-                      f"lr {r['lr']:g}, {r['nproc']} proc, seed {r['seed']}")
-    ax.set_xlabel("train_v2 global step")
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(results) + 2), 4))
+    labels = [f"{'PM K=' + str(r['samples_per_class']) if r['head'] == 'prototype_memory' else 'PartialFC_V2'}\n"
+              f"{r['nproc']} proc, seed {r['seed']}" for r in results]
+    colours = ["tab:blue" if r["head"] == "prototype_memory" else "tab:gray" for r in results]
+    values = [100 * r["model_pt_accuracy"] for r in results]
+    ax.bar(range(len(results)), values, color=colours)
+    for x, v in enumerate(values):
+        ax.text(x, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
+    ax.set_ylim(min(values) - 10, 100)
     ax.set_ylabel("held-out verification accuracy (%)")
-    ax.set_title("arcface_torch train_v2 through the hook (mbf, 112 px synthetic)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_title("arcface_torch train_v2 through the hook (mbf, 112 px synthetic)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="hook", help="name of the results files and run cache")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--multiprocess-seeds", type=int, default=1,
+                        help="run the --nprocs above 1 for this many of the seeds only")
     parser.add_argument("--force", action="store_true", help="rerun cached runs")
     args = parser.parse_args(argv)
     args.checkout = str(pathlib.Path(args.checkout).resolve())
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     make_synthetic_dataset(data, args.identities, args.images_per_identity, val_identities=args.val_identities,
                            val_pairs=args.val_pairs, image_size=112, seed=0)
     results = []
-    plan = [(seed, nproc, lr, head, k) for seed in args.seeds for nproc in args.nprocs for lr in args.lrs
+    plan = [(seed, nproc, lr, head, k) for i, seed in enumerate(args.seeds) for nproc in args.nprocs
+            if nproc == 1 or i < args.multiprocess_seeds for lr in args.lrs
             for head, ks in (("", [1]), ("prototype_memory", args.pm_samples_per_class)) for k in ks]
     for seed, nproc, lr, head, k in plan:
         name = f"{'pm_k' + str(k) if head else 'pfc'}_lr{lr:g}_np{nproc}_seed{seed}"

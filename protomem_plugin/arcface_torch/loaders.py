@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..data.folders import ImageFolderSource
 from ..data.loader import TrainLoader, build_train_loader
 from ..data.speedtest import SPEED_TEST_REC, build_speed_test_loader
+from ..train.runtime import local_device
 from .compat import note
 
 __all__ = ["BATCH_LOG_ENV", "GroupedLoaderX", "make_get_dataloader"]
@@ -84,7 +85,7 @@ class GroupedLoaderX(DataLoader):
 
 
 def _device(local_rank: int) -> torch.device:
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return local_device(local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 def make_get_dataloader(cfg: Any, samples_per_class: int, fallback: Callable | None, reason: str) -> Callable:

@@ -39,13 +39,27 @@ def init_runtime(backend: str | None = None) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = local_device(local_rank, torch.cuda.device_count() if use_cuda else 0)
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return Runtime(rank, world_size, local_rank, device)
+
+
+def local_device(local_rank: int, visible_gpus: int) -> torch.device:
+    """The GPU of this process: ``cuda:LOCAL_RANK`` when it sees all of its node's GPUs,
+    ``cuda:0`` when each process sees one (SLURM per-task binding, ``CUDA_VISIBLE_DEVICES`` per
+    rank); the CPU without GPUs. Any other count that ``local_rank`` does not fit is an error."""
+    if visible_gpus <= 0:
+        return torch.device("cpu")
+    if visible_gpus == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible_gpus:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but this process sees only {visible_gpus} GPUs; "
+                           "give each process one GPU or all of the node's GPUs")
+    return torch.device("cuda", local_rank)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -62,16 +76,35 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def capture_rng_state() -> dict[str, torch.Tensor | list]:
-    """torch CPU and CUDA generator states (tensors, loadable with ``weights_only=True``)."""
+    """torch CPU and this process's CUDA generator state (tensors, loadable with ``weights_only=True``).
+
+    Only the current device's CUDA state is saved (a rank uses one GPU), so the checkpoint does not
+    depend on how many GPUs the machine shows.
+    """
     state: dict[str, torch.Tensor | list] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+def cuda_state_for_this_device(state: dict, local_rank: int) -> torch.Tensor | None:
+    """This process's CUDA generator state from a checkpoint's RNG states, old or new layout.
+
+    Older checkpoints hold ``cuda``: one state per GPU the saving machine showed; the entry of this
+    process's local rank is taken when it exists, else the first (one GPU per process).
+    """
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    states = state.get("cuda") or []
+    if not states:
+        return None
+    return states[local_rank] if local_rank < len(states) else states[0]
+
+
+def restore_rng_state(state: dict, local_rank: int = 0) -> None:
+    """Inverse of :func:`capture_rng_state`; a CUDA state is restored to the current device only."""
     if "torch" in state:
         torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = cuda_state_for_this_device(state, local_rank)
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)

@@ -190,7 +190,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:
-            restore_rng_state(state["rng"])
+            restore_rng_state(state["rng"], runtime.local_rank)
         if cfg.doppelganger_mining and "neighbours" in state:
             loader.sampler.table.load_state_dict({k: v.numpy() for k, v in state["neighbours"].items()})
     os.makedirs(cfg.output, exist_ok=True)

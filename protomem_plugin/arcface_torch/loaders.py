@@ -54,10 +54,6 @@ class GroupedLoaderX(DataLoader):
         self.loader.set_epoch(epoch)
         self._iterated_since_set = False
 
-    @property
-    def epoch(self) -> int:
-        return self.loader.epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterated_since_set:
             self.loader.set_epoch(self.loader.epoch + 1)

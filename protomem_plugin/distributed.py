@@ -146,15 +146,18 @@ def softmax_statistics(logits: torch.Tensor, target: torch.Tensor) -> tuple[torc
 
 
 def cross_entropy_from_statistics(
-    row_max: torch.Tensor, sum_exp: torch.Tensor, target_logit: torch.Tensor, group: ProcessGroup = None
+    row_max: torch.Tensor, sum_exp: torch.Tensor, target_logit: torch.Tensor, group: ProcessGroup = None,
+    check_columns: bool = True,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy from every shard's per-row statistics (see :func:`softmax_statistics`).
 
     Each row's target must be on exactly one shard. Every rank returns the same loss.
+    ``check_columns`` raises when a row has no column on any shard (a host-device sync); the heads,
+    whose targets always have a column, turn it off.
     """
     row_max = row_max.detach()
     global_max = all_reduce_max_no_grad(row_max, group)
-    if not bool(torch.isfinite(global_max).all()):
+    if check_columns and not bool(torch.isfinite(global_max).all()):
         raise ValueError("softmax cross-entropy over no columns: some rows have no logit on any shard")
     scale = (row_max - global_max).exp()  # 0 on a shard without columns (max -inf)
     reduced = all_reduce_sum_same_loss(torch.stack([sum_exp * scale, target_logit]), group)

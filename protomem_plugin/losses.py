@@ -78,22 +78,25 @@ class CombinedMarginLoss(nn.Module):
         """Zero non-target logits above the filtering threshold (a constant mask, no gradient)."""
         with torch.no_grad():
             drop = logits > self.interclass_filtering_threshold
-            rows = torch.nonzero(labels >= 0).squeeze(1)
-            drop[rows, labels[rows]] = False
-        return logits.masked_fill(drop, 0.0)
+            is_target = torch.zeros_like(drop).scatter_(1, labels.clamp_min(0).unsqueeze(1), (labels >= 0).unsqueeze(1))
+        return logits.masked_fill(drop & ~is_target, 0.0)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.reshape(-1)
+        if logits.shape[1] == 0:  # a shard without columns this step
+            return logits * self.s
         if self.interclass_filtering_threshold > 0:
             logits = self.filter_interclass(logits, labels)
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        cols = labels[rows]
-        cos = logits[rows, cols]
+        # every row reads a column (column 0 where the target is on another shard) and writes it back:
+        # fixed shapes, so no host-device synchronisation
+        has_target = (labels >= 0).unsqueeze(1)
+        cols = labels.clamp_min(0).unsqueeze(1)
+        cos = logits.gather(1, cols)
         target = self.target_logit(cos)
         if self.gradient == "straight_through":
             target = cos + (target - cos).detach()
         # scale first, then write the targets in place: one (B, C) buffer instead of two
-        return (logits * self.s).index_put_((rows, cols), target * self.s)
+        return (logits * self.s).scatter_(1, cols, torch.where(has_target, target, cos) * self.s)
 
     def extra_repr(self) -> str:
         return (

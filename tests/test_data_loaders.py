@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from protomem_plugin.data.dali import DaliAugmentation, DaliTrainLoader
+from protomem_plugin.data.dali import _AUG_STREAM, DaliAugmentation, DaliTrainLoader
 from protomem_plugin.data.loader import build_train_loader
 from protomem_plugin.data.packing import write_insightface_rec
 from protomem_plugin.data.recordio import InsightFaceRec, RecordIOError
@@ -160,12 +160,16 @@ def test_dali_aug_probabilities(rec_dir):
         image_size=SIZE,
         dali_aug=DaliAugmentation(low_res_prob=1, blur_prob=1, color_jitter_prob=1, gray_prob=1),
     )
+    only_gray = loader(rec_dir, use_dali=True, seed=2, dali_aug=DaliAugmentation(
+        low_res_prob=0, blur_prob=0, color_jitter_prob=0, gray_prob=1))
     (x, y), (u, v), (g, w) = next(iter(base)), next(iter(off)), next(iter(always_gray))
-    torch.testing.assert_close(u, x)  # every augmentation switched off: identical images
+    assert torch.equal(u, x)  # every augmentation switched off: the no-aug pipeline's images
     torch.testing.assert_close(w, y)
     spread = g.amax(1) - g.amin(1)  # grayscale: the three channels agree
     assert spread.max() < 0.05
     assert (g - x).abs().mean() > 0.05
+    for images, _ in only_gray:  # every image of the epoch comes out gray
+        assert (images.amax(1) - images.amin(1)).max() < 0.05
     default_aug = loader(rec_dir, use_dali=True, seed=2, dali_aug=True)
     images, _ = next(iter(default_aug))
     assert images.shape == (8, 3, SIZE, SIZE) and torch.isfinite(images).all()
@@ -192,3 +196,79 @@ def test_non_image_payload_in_dali_loader_names_key(tmp_path):
 def test_dali_aug_needs_dali(rec_dir):
     with pytest.raises(ValueError, match="use_dali"):
         loader(rec_dir, dali_aug=True)
+
+
+HALF_AUG = DaliAugmentation(low_res_prob=0.5, blur_prob=0.5, color_jitter_prob=0.5, gray_prob=0.5)
+
+
+def test_dali_aug_resume_inside_epoch_is_bit_identical(rec_dir):
+    full_loader = loader(rec_dir, use_dali=True, seed=13, dali_aug=HALF_AUG)
+    full_loader.set_epoch(2)
+    full = [images for images, _ in full_loader]
+    resumed = loader(rec_dir, use_dali=True, seed=13, dali_aug=HALF_AUG)
+    resumed.load_state_dict({"epoch": 2, "position": 3, "seed": 13})
+    rest = [images for images, _ in resumed]
+    assert len(rest) == len(full) - 3
+    for x, u in zip(rest, full[3:]):
+        assert torch.equal(x, u)
+
+
+def test_dali_aug_draws_do_not_depend_on_world_size(rec_dir):
+    one = loader(rec_dir, use_dali=True, seed=5, dali_aug=HALF_AUG)
+    ranks = [loader(rec_dir, use_dali=True, seed=5, dali_aug=HALF_AUG, batch_size=4, rank=r, world_size=2)
+             for r in range(2)]
+    for part in [one, *ranks]:
+        part.set_epoch(1)
+    draws_one = one.augmentation_draws(1)
+    draws_ranks = [shard.augmentation_draws(1) for shard in ranks]
+    for name, values in draws_one.items():
+        np.testing.assert_array_equal(values, np.concatenate([d[name] for d in draws_ranks], axis=1))
+    for (x, y), (a, b), (c, d) in zip(one, *ranks):  # the same images, augmented identically
+        torch.testing.assert_close(y, torch.cat([b, d]))
+        assert torch.equal(x, torch.cat([a, c]))
+
+
+def test_image_uniforms_do_not_depend_on_the_draw_chunk(rec_dir, monkeypatch):
+    import protomem_plugin.data.loader as loader_module
+
+    dali = loader(rec_dir, use_dali=True, seed=3, dali_aug=True)
+    whole = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32), dali.flips(4)
+    monkeypatch.setattr(loader_module, "_DRAW_CHUNK", 200)  # 2 batches of 8 x 10 values a draw
+    chunked = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32), dali.flips(4)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dali_aug_host_draw_frequencies_and_ranges(rec_dir):
+    aug = DaliAugmentation()
+    dali = loader(rec_dir, use_dali=True, seed=6, dali_aug=aug)
+    draws = [dali.augmentation_draws(epoch) for epoch in range(40)]  # 40 x 48 images
+    merged = {name: np.concatenate([d[name].ravel() for d in draws]) for name in draws[0]}
+    for name, prob in [("low_res", aug.low_res_prob), ("blur", aug.blur_prob),
+                       ("color_jitter", aug.color_jitter_prob), ("gray", aug.gray_prob)]:
+        assert merged[name].dtype == bool and abs(merged[name].mean() - prob) < 0.03, name
+    for name, (low, high) in [("low_res_side", [SIZE * s for s in aug.low_res_scale]),
+                              ("blur_sigma", [s * SIZE / 112 for s in aug.blur_sigma]),
+                              ("hue", aug.hue), ("saturation", aug.saturation),
+                              ("brightness", aug.brightness), ("contrast", aug.contrast)]:
+        values = merged[name]
+        assert values.dtype == np.float32 and low <= values.min() and values.max() <= high, name
+        assert values.max() - values.min() > 0.9 * (high - low), name
+
+
+@pytest.mark.parametrize("kind", ["low_res", "blur", "color_jitter", "gray"])
+def test_dali_aug_changes_exactly_the_images_drawn_for_it(rec_dir, kind):
+    base = loader(rec_dir, use_dali=True, seed=8)
+    probs = dict(low_res_prob=0, blur_prob=0, color_jitter_prob=0, gray_prob=0)
+    probs[f"{kind}_prob"] = 0.5
+    if kind == "blur":  # the default sigmas scaled to 32 px (0.14-0.43) often leave an image as it is
+        probs["blur_sigma"] = (2.0, 4.0)
+    aug = loader(rec_dir, use_dali=True, seed=8, dali_aug=DaliAugmentation(**probs))
+    drawn = torch.from_numpy(aug.augmentation_draws(0)[kind])
+    assert 0 < drawn.float().mean() < 1
+    for (x, _), (u, _), chosen in zip(base, aug, drawn):
+        same = (x == u).flatten(1).all(1)
+        assert torch.equal(same, ~chosen)  # untouched images are bit-identical, augmented ones differ
+        if kind == "gray":
+            spread = u.amax(1) - u.amin(1)
+            assert (spread.flatten(1).amax(1) < 0.05).tolist() == chosen.tolist()

@@ -1,19 +1,24 @@
 """NVIDIA DALI training loader reading InsightFace-layout .rec files directly.
 
 ``fn.external_source`` is fed, batch by batch, with the encoded bytes of the records chosen by the
-:class:`GroupedBatchSampler`, their labels and the flip decisions; ``fn.decoders.image`` decodes on
-the GPU (``device="mixed"``) when the loader's device is CUDA and on the CPU otherwise
-(``device_id=None``, no GPU needed). Then optional ``dali_aug`` augmentations, resize when the
-stored size differs from ``image_size``, and ``fn.crop_mirror_normalize`` to float NCHW
-``(x/255-0.5)/0.5``. The external source runs in the loader's thread: reading a record is a copy
-out of the memory-mapped .rec, far cheaper than decoding it.
+:class:`GroupedBatchSampler`, their labels, the flip decisions and, with ``dali_aug``, each image's
+augmentation decisions and parameters; ``fn.decoders.image`` decodes on the GPU
+(``device="mixed"``) when the loader's device is CUDA and on the CPU otherwise (``device_id=None``,
+no GPU needed). Then a resize when the stored size differs from ``image_size``, the optional
+``dali_aug`` augmentations, and ``fn.crop_mirror_normalize`` to float NCHW ``(x/255-0.5)/0.5``.
+The external source runs in the loader's thread: reading a record is a copy out of the
+memory-mapped .rec, far cheaper than decoding it.
+
+Nothing random happens inside DALI: the augmentation draws, like the flips, come from ``(seed,
+epoch)`` on the host (:meth:`TrainLoader.image_uniforms`, own stream), so a run resumed inside an
+epoch augments every image exactly as the uninterrupted run does, on any number of ranks.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +29,8 @@ from .sampler import GroupedBatchSampler
 
 __all__ = ["DaliAugmentation", "DaliTrainLoader", "build_dali_pipeline"]
 
+_AUG_STREAM = 0xA06  # separates the augmentation random stream from the flips' and the sampler's
+
 
 @dataclass(frozen=True)
 class DaliAugmentation:
@@ -33,7 +40,12 @@ class DaliAugmentation:
     * Gaussian blur with a sigma drawn from ``blur_sigma`` (pixels at 112, scaled with the size);
     * colour jitter: hue shift (degrees), saturation, brightness and contrast factors;
     * grayscale.
+
+    :meth:`draws` turns uniform ``[0, 1)`` values (``NUM_UNIFORMS`` per image, drawn on the host)
+    into each image's decisions and parameters.
     """
+
+    NUM_UNIFORMS: ClassVar[int] = 10
 
     low_res_prob: float = 0.1
     low_res_scale: tuple[float, float] = (0.5, 0.8)
@@ -46,18 +58,44 @@ class DaliAugmentation:
     contrast: tuple[float, float] = (0.8, 1.2)
     gray_prob: float = 0.1
 
+    def draws(self, uniforms: np.ndarray, size: int) -> dict[str, np.ndarray]:
+        """Per-image decisions (bool) and parameters (float32) from ``uniforms`` of shape
+        (..., NUM_UNIFORMS); ``size`` is the image side. Keys in the order the pipeline reads them."""
+        if uniforms.shape[-1] != self.NUM_UNIFORMS:
+            raise ValueError(f"expected {self.NUM_UNIFORMS} uniforms per image, got shape {uniforms.shape}")
+        u = np.moveaxis(uniforms, -1, 0)
+
+        def between(x, low, high):
+            return (low + x * (high - low)).astype(np.float32)
+
+        scale = size / 112
+        return {
+            "low_res": u[0] < self.low_res_prob,
+            "low_res_side": between(u[1], size * self.low_res_scale[0], size * self.low_res_scale[1]),
+            "blur": u[2] < self.blur_prob,
+            "blur_sigma": between(u[3], self.blur_sigma[0] * scale, self.blur_sigma[1] * scale),
+            "color_jitter": u[4] < self.color_jitter_prob,
+            "hue": between(u[5], *self.hue),
+            "saturation": between(u[6], *self.saturation),
+            "brightness": between(u[7], *self.brightness),
+            "contrast": between(u[8], *self.contrast),
+            "gray": u[9] < self.gray_prob,
+        }
+
 
 class _BatchFeed:
-    """Callable external source: one batch (encoded bytes, labels, flips) per call, StopIteration at the end."""
+    """Callable external source: one batch (encoded bytes, labels, flips, augmentation draws) per
+    call, StopIteration at the end."""
 
     def __init__(self, rec: InsightFaceRec):
         self.rec = rec
         self.batches = np.zeros((0, 0), dtype=np.int64)
-        self.flips = np.zeros((0, 0), dtype=bool)
+        self.per_image: tuple[np.ndarray, ...] = ()
         self.next = 0
 
-    def start(self, batches: np.ndarray, flips: np.ndarray) -> None:
-        self.batches, self.flips, self.next = batches, flips, 0
+    def start(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray) -> None:
+        """``flips`` and each of ``augment`` (len(batches), batch_size): one value per image."""
+        self.batches, self.per_image, self.next = batches, (flips.astype(np.int32), *augment), 0
 
     def stop(self) -> None:
         self.next = len(self.batches)
@@ -66,7 +104,7 @@ class _BatchFeed:
         if self.next >= len(self.batches):
             raise StopIteration
         positions = self.batches[self.next]
-        flips = self.flips[self.next]
+        per_image = [values[self.next] for values in self.per_image]
         self.next += 1
         keys = self.rec.image_keys[positions]
         encoded = [
@@ -74,28 +112,28 @@ class _BatchFeed:
             for k in keys
         ]
         labels = self.rec.labels[positions].astype(np.int64)
-        return encoded, labels, flips.astype(np.int32)
+        return (encoded, labels, *per_image)
 
 
-def _augment(images, aug: DaliAugmentation, size: int):
-    from nvidia.dali import fn, types
+def _augment(images, draws: dict, size: int):
+    """Apply each augmentation to the images whose host draw says so (``draws``: per-sample DataNodes)."""
+    from nvidia.dali import fn
 
-    if fn.random.coin_flip(probability=aug.low_res_prob, dtype=types.BOOL):
-        side = fn.random.uniform(range=[size * aug.low_res_scale[0], size * aug.low_res_scale[1]])
+    if draws["low_res"]:
+        side = draws["low_res_side"]
         images = fn.resize(images, resize_x=side, resize_y=side)
         images = fn.resize(images, size=[size, size])
-    if fn.random.coin_flip(probability=aug.blur_prob, dtype=types.BOOL):
-        sigma = fn.random.uniform(range=[s * size / 112 for s in aug.blur_sigma])
-        images = fn.gaussian_blur(images, sigma=sigma)
-    if fn.random.coin_flip(probability=aug.color_jitter_prob, dtype=types.BOOL):
+    if draws["blur"]:
+        images = fn.gaussian_blur(images, sigma=draws["blur_sigma"])
+    if draws["color_jitter"]:
         images = fn.color_twist(
             images,
-            hue=fn.random.uniform(range=list(aug.hue)),
-            saturation=fn.random.uniform(range=list(aug.saturation)),
-            brightness=fn.random.uniform(range=list(aug.brightness)),
-            contrast=fn.random.uniform(range=list(aug.contrast)),
+            hue=draws["hue"],
+            saturation=draws["saturation"],
+            brightness=draws["brightness"],
+            contrast=draws["contrast"],
         )
-    if fn.random.coin_flip(probability=aug.gray_prob, dtype=types.BOOL):
+    if draws["gray"]:
         images = fn.hsv(images, saturation=0.0)
     return images
 
@@ -112,25 +150,31 @@ def build_dali_pipeline(
     seed: int,
     augmentation: DaliAugmentation | None = None,
 ):
-    """Build the DALI pipeline: external source -> decode -> [aug] -> [resize] -> flip + normalise."""
+    """Build the DALI pipeline: external source -> decode -> [resize] -> [aug] -> flip + normalise.
+
+    ``feed`` yields ``(encoded, labels, flips)`` per batch and, with ``augmentation``, the arrays of
+    ``augmentation.draws`` after them, one value per image.
+    """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
+    drawn = {} if augmentation is None else augmentation.draws(np.zeros((1, augmentation.NUM_UNIFORMS)), image_size)
+    drawn_types = [types.BOOL if values.dtype == bool else types.FLOAT for values in drawn.values()]
 
     @pipeline_def(enable_conditionals=augmentation is not None)
     def pipeline():
-        encoded, labels, flips = fn.external_source(
+        encoded, labels, flips, *draws = fn.external_source(
             source=feed,
-            num_outputs=3,
+            num_outputs=3 + len(drawn),
             batch=True,
-            dtype=[types.UINT8, types.INT64, types.INT32],
-            ndim=[1, 0, 0],
+            dtype=[types.UINT8, types.INT64, types.INT32, *drawn_types],
+            ndim=[1, 0, 0] + [0] * len(drawn),
         )
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if stored_size != (image_size, image_size):
             images = fn.resize(images, size=[image_size, image_size])
         if augmentation is not None:
-            images = _augment(images, augmentation, image_size)
+            images = _augment(images, dict(zip(drawn, draws)), image_size)
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
@@ -175,6 +219,7 @@ class DaliTrainLoader(TrainLoader):
         else:
             raise ValueError(f"DALI loader supports cpu and cuda devices, got {self.device}")
         augmentation = dali_aug if isinstance(dali_aug, DaliAugmentation) else (DaliAugmentation() if dali_aug else None)
+        self.augmentation = augmentation
         self._feed = _BatchFeed(rec)
         self.pipeline = build_dali_pipeline(
             self._feed,
@@ -188,6 +233,17 @@ class DaliTrainLoader(TrainLoader):
             augmentation=augmentation,
         )
         self._started = False
+
+    def augmentation_draws(self, epoch: int) -> dict[str, np.ndarray]:
+        """Each image's augmentation decisions and parameters (len, batch_size) of this rank for
+        ``epoch`` (see :meth:`DaliAugmentation.draws`); empty without ``dali_aug``."""
+        if self.augmentation is None:
+            return {}
+        uniforms = self.image_uniforms(epoch, _AUG_STREAM, self.augmentation.NUM_UNIFORMS, np.float32)
+        return self.augmentation.draws(uniforms, self.image_size)
+
+    def per_image_draws(self, epoch: int) -> tuple[np.ndarray, ...]:
+        return (*super().per_image_draws(epoch), *self.augmentation_draws(epoch).values())
 
     def _finish_epoch(self) -> None:
         """Drop what the pipeline prefetched for an abandoned epoch and reset it."""
@@ -214,9 +270,10 @@ class DaliTrainLoader(TrainLoader):
         feed_ndarray(dense, out, cuda_stream=stream)
         return out
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
-        self._feed.start(batches, flips)
+        self._feed.start(batches, flips, *augment)
         self._started = True
         for _ in range(len(batches)):
             images, labels = self.pipeline.run()

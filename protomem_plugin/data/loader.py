@@ -4,9 +4,10 @@ Every loader yields ``(images, labels)``: images float32 NCHW normalised ``(x/25
 labels int64, both on ``device``. ``len()`` is the number of batches per epoch of this rank;
 ``set_epoch(e)`` selects the epoch; ``state_dict()``/``load_state_dict()`` carry the sampler
 position (batches already delivered in the epoch) for resuming inside an epoch.
-Horizontal flips are drawn per image from ``(seed, epoch)`` over the global batch, so both loaders
-flip the same images, a resumed run flips as the uninterrupted run would, and the decisions do not
-depend on how the global batch is split across ranks.
+Horizontal flips (and the DALI loader's augmentation draws) are drawn per image from
+``(seed, epoch)`` over the global batch (:meth:`TrainLoader.image_uniforms`), so both loaders flip
+the same images, a resumed run flips and augments as the uninterrupted run would, and the decisions
+do not depend on how the global batch is split across ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .sampler import GroupedBatchSampler
 __all__ = ["TrainLoader", "build_train_loader", "normalize_batch"]
 
 _FLIP_STREAM = 0xF11  # separates the flip random stream from the sampler's
+_DRAW_CHUNK = 1 << 22  # values drawn at a time by image_uniforms: bounds the global-batch transient
 
 
 def normalize_batch(images_uint8_nhwc: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -34,8 +36,9 @@ def normalize_batch(images_uint8_nhwc: torch.Tensor, device: torch.device | str)
 class TrainLoader:
     """Base class: epoch/position bookkeeping over a :class:`GroupedBatchSampler`.
 
-    Subclasses implement ``_iterate(batches, flips)`` that yields one ``(images, labels)`` per row
-    of ``batches`` (positions into ``rec.image_keys``).
+    Subclasses implement ``_iterate(batches, flips, ...)`` that yields one ``(images, labels)`` per
+    row of ``batches`` (positions into ``rec.image_keys``); its arguments after ``batches`` are the
+    rows of :meth:`per_image_draws` from the same batch on.
     """
 
     def __init__(
@@ -91,31 +94,50 @@ class TrainLoader:
         self._position = int(state["position"])
         self._resume_from = self._position
 
-    def flips(self, epoch: int) -> np.ndarray:
-        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``.
+    def image_uniforms(self, epoch: int, stream: int, fields: int | None = None, dtype=np.float64) -> np.ndarray:
+        """Uniform ``[0, 1)`` draws per image of this rank for ``epoch``: (len, batch_size), or
+        (len, batch_size, fields) with ``fields`` values per image.
 
-        Drawn for the whole global batch and sliced by rank, so the decisions depend on the global
-        batch alone: 2 ranks of batch 64 flip exactly the images 1 process of batch 128 flips.
+        One generator keyed by ``(seed, epoch, stream)`` fills the whole global batch and each rank
+        keeps its slice, so the values depend on the global batch alone: 2 ranks of batch 64 get
+        exactly the values 1 process of batch 128 gets. Drawn a few batches at a time (the same
+        values as one draw) so the global-batch array never has to be held for a whole epoch.
         """
         size, world, rank = self.sampler.batch_size, self.sampler.world_size, self.sampler.rank
+        length, tail = len(self.sampler), (() if fields is None else (int(fields),))
+        rng = np.random.default_rng([self.sampler.seed, int(epoch), int(stream)])
+        out = np.empty((length, size) + tail, dtype=dtype)
+        rows = max(1, _DRAW_CHUNK // (size * world * (fields or 1)))
+        for lo in range(0, length, rows):
+            block = rng.random((min(rows, length - lo), size * world) + tail, dtype=dtype)
+            out[lo : lo + len(block)] = block[:, rank * size : (rank + 1) * size]
+        return out
+
+    def flips(self, epoch: int) -> np.ndarray:
+        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``."""
         if not self.random_flip:
-            return np.zeros((len(self.sampler), size), dtype=bool)
-        rng = np.random.default_rng([self.sampler.seed, int(epoch), _FLIP_STREAM])
-        return (rng.random((len(self.sampler), size * world)) < 0.5)[:, rank * size : (rank + 1) * size]
+            return np.zeros((len(self.sampler), self.sampler.batch_size), dtype=bool)
+        return self.image_uniforms(epoch, _FLIP_STREAM) < 0.5
+
+    def per_image_draws(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """The per-image arrays (len, batch_size) ``_iterate`` gets besides the batches: the flips;
+        a subclass appends its own (the DALI loader's augmentation draws)."""
+        return (self.flips(epoch),)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._resume_from if self._resume_from is not None else 0
         self._resume_from = None
         epoch = self.sampler.epoch
         batches = self.sampler.batches_from(epoch, start)
-        flips = self.flips(epoch)[start:]
+        draws = [d[start:] for d in self.per_image_draws(epoch)]
         self._position = start
-        for offset, (images, labels) in enumerate(self._iterate(batches, flips)):
+        for offset, (images, labels) in enumerate(self._iterate(batches, *draws)):
             self._position += 1
             self.current_positions = batches[offset]
             yield images, labels
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, batches: np.ndarray, flips: np.ndarray, *draws: np.ndarray
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
 

@@ -76,6 +76,7 @@ class Head(nn.Module):
             )
         if not embeddings.is_floating_point():
             raise ValueError(f"local_embeddings must be floating point, got {embeddings.dtype}")
+        labels = torch.as_tensor(labels)
         if labels.dim() == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
@@ -85,15 +86,25 @@ class Head(nn.Module):
             )
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"local_labels must be integers, got {labels.dtype}")
-        return embeddings, labels.long()
+        # labels may come from the host while the embeddings are on a GPU (gathering and indexing need one device)
+        return embeddings, labels.to(embeddings.device, torch.int64, non_blocking=True)
 
     def check_global_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Checks on the gathered batch (identical on every rank, so every rank raises alike)."""
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            raise ValueError(f"label {value} is outside [0, num_classes={self.num_classes})")
-        if not bool(torch.isfinite(embeddings.detach()).all()):
+        self.raise_input_errors(embeddings, labels, torch.stack(self.global_input_flags(embeddings, labels)).tolist())
+
+    def global_input_flags(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Device flags ``[label out of range, non-finite embedding]`` of the gathered batch (no sync)."""
+        bad_label = ((labels < 0) | (labels >= self.num_classes)).any()
+        return [bad_label, torch.isfinite(embeddings.detach()).all().logical_not()]
+
+    def raise_input_errors(self, embeddings: torch.Tensor, labels: torch.Tensor, flags: list) -> None:
+        """Raise for the flags of :meth:`global_input_flags` once read on the host."""
+        bad_label, non_finite = flags
+        if bad_label:
+            bad = (labels < 0) | (labels >= self.num_classes)
+            raise ValueError(f"label {int(labels[bad][0])} is outside [0, num_classes={self.num_classes})")
+        if non_finite:
             rows = torch.nonzero(~torch.isfinite(embeddings.detach()).all(dim=1)).squeeze(1)
             raise NonFiniteEmbeddingError(
                 f"non-finite embeddings in global batch rows {rows[:8].tolist()}; the head state was not changed"
@@ -129,17 +140,17 @@ class Head(nn.Module):
             )
         else:
             stats = D.softmax_statistics(self.margin_loss(plain_cosines(), targets), targets)
-        return D.cross_entropy_from_statistics(*stats, self.process_group)
+        return D.cross_entropy_from_statistics(*stats, self.process_group, check_columns=False)
 
     # ------------------------------------------------------------------ diagnostics
     stat_names: tuple[str, ...] = ()
     stat_reductions: tuple[str, ...] = ()
 
     def record_stats(self, values: list[torch.Tensor | float], device: torch.device) -> None:
-        """Keep this step's raw statistics on ``device`` (reduced lazily by :meth:`diagnostics`)."""
-        self._last_stats = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(()) for v in values]
-        )
+        """Keep this step's raw statistics (device tensors stay on the device, reduced lazily by
+        :meth:`diagnostics`; host numbers are never copied to the device here)."""
+        self._last_stats = list(values)
+        self._stats_device = device
 
     def diagnostics(self) -> dict[str, float]:
         """Per-step diagnostics of the last forward as floats, reduced over ranks.
@@ -148,7 +159,8 @@ class Head(nn.Module):
         """
         if self._last_stats is None:
             return {}
-        stats = self._last_stats
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self._stats_device).detach().reshape(())
+                             for v in self._last_stats])
         out: dict[str, float] = {}
         sums = D.all_reduce_sum_no_grad(stats, self.process_group)
         maxes = D.all_reduce_max_no_grad(stats, self.process_group)

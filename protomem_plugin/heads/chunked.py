@@ -8,8 +8,12 @@ an online log-sum-exp, so the head's activation memory is ``O(B x chunk)`` inste
 Cost: the gradient with respect to the embeddings is linear in the per-row upstream gradients, so the
 forward accumulates it chunk by chunk (``sum_j exp(l_j - m) dl_j/dx``, rescaled like the sum of
 exponentials) and the backward only scales it: no second pass over the columns for the embeddings.
+That sum is formed without the loss scale, so under ``fp16`` its chunk product runs on the per-row
+gradients divided by their row maximum (entries in ``[-1, 1]``, at most 32768 columns per product, so
+a float16 result cannot overflow) and is accumulated in float32.
 Columns whose weights need a gradient are recomputed in the backward: all of them for Partial FC
-(its class centres), only the freshly written columns for Prototype Memory. The result feeds
+(its class centres), only the freshly written columns for Prototype Memory. No step reads a device value on the host: column ranges follow from shapes, and masks become
+``where``/``gather``/``scatter`` of fixed shapes. The result feeds
 :func:`protomem_plugin.distributed.cross_entropy_from_statistics`, the one distributed softmax of the
 package.
 
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 MarginLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOW_PRECISION_PRODUCT_COLUMNS = 32768  # float16 sums of at most this many terms in [-1, 1] stay finite
 
 
 class ColumnSource:
@@ -48,57 +53,50 @@ class ColumnSource:
         self.weight = weight
         self.index = index
         self.normalize = bool(normalize)
-        if override_columns is not None and override_columns.numel():
-            order = torch.argsort(override_columns)
-            self.override_columns = override_columns[order]
-            self.override_order = order
-            self.override = override
-        else:
-            self.override_columns = self.override_order = self.override = None
         self.num_columns = int(index.numel()) if index is not None else int(weight.shape[0])
+        self.override = override if override_columns is not None and override_columns.numel() else None
+        self.override_slot: Optional[torch.Tensor] = None  # column -> row of `override`, -1 elsewhere
+        if self.override is not None:
+            positions = torch.arange(override_columns.numel(), device=override_columns.device)
+            self.override_slot = torch.full((self.num_columns,), -1, dtype=torch.int64,
+                                            device=override_columns.device).index_put_((override_columns,), positions)
 
     def rows(self, start: int, stop: int):
         """Rows of ``weight`` behind columns ``[start, stop)`` (a slice or an index tensor)."""
         return slice(start, stop) if self.index is None else self.index[start:stop]
 
-    def overrides(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (into ``override``) and chunk-relative columns of the overridden columns in the chunk."""
-        lo, hi = self._override_bounds[start], self._override_bounds[stop]
-        return self.override_order[lo:hi], self.override_columns[lo:hi] - start
-
     def split(self, chunk: int) -> list[tuple[int, int]]:
-        """Column ranges of the chunks (locates the overridden columns of every chunk in one search)."""
-        edges = list(range(0, self.num_columns, chunk)) + [self.num_columns]
-        if self.override_columns is not None:
-            found = torch.searchsorted(self.override_columns, torch.tensor(edges, device=self.override_columns.device))
-            self._override_bounds = dict(zip(edges, found.tolist()))
-        return list(zip(edges[:-1], edges[1:]))
+        """Column ranges of the chunks."""
+        return [(start, min(start + chunk, self.num_columns)) for start in range(0, self.num_columns, chunk)]
+
+    def vectors(self, weight_rows: torch.Tensor, override: Optional[torch.Tensor], slots: Optional[torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor:
+        """Column vectors from their weight rows, the overridden ones (``slots >= 0``) from ``override``,
+        normalised when the source says so; differentiable in both inputs."""
+        w = weight_rows.to(dtype)
+        if override is not None and slots is not None:
+            w = torch.where((slots >= 0).unsqueeze(1), override[slots.clamp_min(0)].to(dtype), w)
+        return F.normalize(w, dim=1) if self.normalize else w
+
+    def chunk_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], start: int, stop: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """Column vectors ``[start, stop)``."""
+        slots = self.override_slot[start:stop] if self.override_slot is not None else None
+        return self.vectors(weight[self.rows(start, stop)], override, slots, dtype)
 
     def column_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], columns: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
-        """Weight vectors (``(len(columns), D)``, before normalisation) of arbitrary ``columns``."""
-        out = weight[columns if self.index is None else self.index[columns]].to(dtype)
-        if override is not None and self.override_columns is not None and columns.numel():
-            last = self.override_columns.numel() - 1
-            pos = torch.searchsorted(self.override_columns, columns).clamp_max(last)
-            hit = self.override_columns[pos] == columns
-            out[hit] = override[self.override_order[pos[hit]]].to(dtype)
-        return out
+        """Column vectors of arbitrary (valid) ``columns``."""
+        rows = columns if self.index is None else self.index[columns]
+        slots = self.override_slot[columns] if self.override_slot is not None else None
+        return self.vectors(weight[rows], override, slots, dtype)
 
 
-def _chunk_cosines(
-    normed: torch.Tensor, weight_rows: torch.Tensor, override_rows: Optional[torch.Tensor],
-    override_cols: Optional[torch.Tensor], normalize: bool, out_dtype: torch.dtype,
-    autocast: Callable[[], ContextManager],
-) -> torch.Tensor:
-    w = weight_rows.to(out_dtype)
-    if override_rows is not None and override_rows.numel():
-        w = w.index_copy(0, override_cols, override_rows.to(out_dtype))
-    if normalize:
-        w = F.normalize(w, dim=1)
+def _cosines(normed: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype,
+             autocast: Callable[[], ContextManager]) -> torch.Tensor:
     with autocast():
         cos = normed @ w.t()
-    return cos.to(out_dtype).clamp(-1.0, 1.0)
+    return cos.to(out_dtype)
 
 
 def _chunk_targets(target: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -106,23 +104,35 @@ def _chunk_targets(target: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return torch.where(inside, target - start, torch.full_like(target, -1))
 
 
+def _row_gradient_product(grad: torch.Tensor, w: torch.Tensor, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    """``grad @ w`` in float32; in low precision on row-normalised ``grad``, in column blocks that cannot overflow."""
+    with autocast():
+        low = torch.is_autocast_enabled(grad.device.type)
+        if not low:
+            return grad @ w.to(grad.dtype)
+        scale = grad.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
+        unit = grad / scale
+        out = torch.zeros(grad.shape[0], w.shape[1], dtype=grad.dtype, device=grad.device)
+        for start in range(0, w.shape[0], LOW_PRECISION_PRODUCT_COLUMNS):
+            stop = start + LOW_PRECISION_PRODUCT_COLUMNS
+            out += (unit[:, start:stop] @ w[start:stop]).to(grad.dtype)
+    return out * scale
+
+
 def _target_gradient(normed, weight, override, source, margin_loss, target, out_dtype):
     """``d target_logit_i / d x_i`` for every row (0 where the target is on another shard)."""
-    grad = torch.zeros_like(normed)
-    hit = torch.nonzero(target >= 0).squeeze(1)
-    if hit.numel() == 0:
-        return grad
-    w = source.column_vectors(weight, override, target[hit], out_dtype)
-    if source.normalize:
-        w = F.normalize(w, dim=1)
+    if source.num_columns == 0:
+        return torch.zeros_like(normed)
+    hit = (target >= 0).unsqueeze(1)
+    w = source.column_vectors(weight, override, target.clamp_min(0), out_dtype).detach()
     with torch.enable_grad():
-        x = normed[hit].detach().requires_grad_(True)
+        x = normed.detach().requires_grad_(True)
         cos = (x * w).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
-        logit = margin_loss(cos, torch.zeros(hit.numel(), dtype=target.dtype, device=target.device))
+        logit = margin_loss(cos, torch.zeros(target.numel(), dtype=target.dtype, device=target.device))
         (g,) = torch.autograd.grad(logit, x, torch.ones_like(logit), allow_unused=True)
-    if g is not None:
-        grad[hit] = g
-    return grad
+    if g is None:
+        return torch.zeros_like(normed)
+    return torch.where(hit, g, torch.zeros_like(g))
 
 
 class _ChunkedStatistics(torch.autograd.Function):
@@ -135,29 +145,26 @@ class _ChunkedStatistics(torch.autograd.Function):
         sum_exp = torch.zeros(rows, dtype=out_dtype, device=device)
         target_logit = torch.zeros(rows, dtype=out_dtype, device=device)
         # sum_j exp(l_j - row_max) dl_j/dx, accumulated with the same rescaling as sum_exp
-        weighted_grad = torch.zeros_like(normed) if need_x else None
-        x_leaf = normed.detach().requires_grad_(need_x)
+        weighted_grad = torch.zeros(normed.shape, dtype=out_dtype, device=device) if need_x else None
+        x = normed.detach()
         for start, stop in source.split(chunk):
-            positions, cols = source.overrides(start, stop) if override is not None else (None, None)
+            w = source.chunk_vectors(weight.detach(), override.detach() if override is not None else None,
+                                     start, stop, out_dtype)
             chunk_target = _chunk_targets(target, start, stop)
+            cos = _cosines(x, w, out_dtype, autocast).requires_grad_(need_x)
             with torch.set_grad_enabled(need_x):
-                cos = _chunk_cosines(
-                    x_leaf, weight[source.rows(start, stop)].detach(),
-                    override[positions].detach() if positions is not None else None,
-                    cols, source.normalize, out_dtype, autocast,
-                )
-                logits = margin_loss(cos, chunk_target)
+                logits = margin_loss(cos.clamp(-1.0, 1.0), chunk_target)
             with torch.no_grad():
                 new_max = torch.maximum(row_max, logits.amax(dim=1))
                 rescale = (row_max - new_max).exp()
                 exp = (logits - new_max.unsqueeze(1)).exp()
                 sum_exp = sum_exp * rescale + exp.sum(dim=1)
                 row_max = new_max
-                hit = torch.nonzero(chunk_target >= 0).squeeze(1)
-                target_logit[hit] = logits[hit, chunk_target[hit]]
+                chunk_value = logits.gather(1, chunk_target.clamp_min(0).unsqueeze(1)).squeeze(1)
+                target_logit = torch.where(chunk_target >= 0, chunk_value, target_logit)
             if need_x and logits.requires_grad:
-                (g,) = torch.autograd.grad(logits, x_leaf, exp)
-                weighted_grad.mul_(rescale.unsqueeze(1)).add_(g)
+                (g_cos,) = torch.autograd.grad(logits, cos, exp)
+                weighted_grad.mul_(rescale.unsqueeze(1)).add_(_row_gradient_product(g_cos, w, autocast))
             del cos, logits, exp
         target_grad = None
         if need_x:
@@ -195,9 +202,9 @@ class _ChunkedStatistics(torch.autograd.Function):
 def _upstream(logits, chunk_target, row_max, grad_sum_exp, grad_target):
     """``d loss / d logits`` of a chunk: ``g_s exp(l - m) + g_t onehot(target)``."""
     grad = (logits - row_max.unsqueeze(1)).exp() * grad_sum_exp.unsqueeze(1)
-    hit = torch.nonzero(chunk_target >= 0).squeeze(1)
-    grad[hit, chunk_target[hit]] += grad_target[hit]
-    return grad
+    hit = chunk_target >= 0
+    return grad.scatter_add_(1, chunk_target.clamp_min(0).unsqueeze(1),
+                             torch.where(hit, grad_target, torch.zeros_like(grad_target)).unsqueeze(1).to(grad.dtype))
 
 
 def _weight_gradients(ctx, normed, weight, override, target, row_max, grad_sum_exp, grad_target, need_override):
@@ -206,22 +213,20 @@ def _weight_gradients(ctx, normed, weight, override, target, row_max, grad_sum_e
     grad_weight = torch.zeros_like(weight)
     grad_override = torch.zeros_like(override) if need_override else None
     x = normed.detach()
+    override_leaf = override.detach().requires_grad_(need_override) if ctx.has_override else None
     for start, stop in source.split(ctx.chunk):
         rows = source.rows(start, stop)
-        positions, cols = source.overrides(start, stop) if ctx.has_override else (None, None)
         with torch.enable_grad():
             weight_leaf = weight[rows].detach().requires_grad_(True)
-            override_leaf = None
-            if positions is not None:
-                override_leaf = override[positions].detach().requires_grad_(need_override)
-            cos = _chunk_cosines(x, weight_leaf, override_leaf, cols, source.normalize, out_dtype, ctx.autocast)
+            slots = source.override_slot[start:stop] if source.override_slot is not None else None
+            w = source.vectors(weight_leaf, override_leaf, slots, out_dtype)
             chunk_target = _chunk_targets(target, start, stop)
-            logits = ctx.margin_loss(cos, chunk_target)
+            logits = ctx.margin_loss(_cosines(x, w, out_dtype, ctx.autocast).clamp(-1.0, 1.0), chunk_target)
             if not logits.requires_grad:
                 continue
             with torch.no_grad():
                 upstream = _upstream(logits, chunk_target, row_max, grad_sum_exp, grad_target)
-            inputs = [weight_leaf] + ([override_leaf] if need_override and override_leaf is not None else [])
+            inputs = [weight_leaf] + ([override_leaf] if need_override else [])
             grads = torch.autograd.grad(logits, inputs, upstream, allow_unused=True)
         if grads[0] is not None:
             if isinstance(rows, slice):
@@ -229,29 +234,24 @@ def _weight_gradients(ctx, normed, weight, override, target, row_max, grad_sum_e
             else:
                 grad_weight.index_add_(0, rows, grads[0].to(grad_weight.dtype))
         if len(grads) > 1 and grads[1] is not None:
-            grad_override.index_add_(0, positions, grads[1].to(grad_override.dtype))
+            grad_override += grads[1].to(grad_override.dtype)
     return grad_weight, grad_override
 
 
 def _override_gradient(ctx, normed, override, target, row_max, grad_sum_exp, grad_target):
     """Gradient of the overriding rows alone: only their columns are recomputed."""
     source, out_dtype = ctx.source, row_max.dtype
-    columns = source.override_columns  # sorted; override row of column k is override_order[k]
-    # position of each row's target among the overridden columns, -1 where it is not one of them
-    pos = torch.searchsorted(columns, target.clamp_min(0)).clamp_max(columns.numel() - 1)
-    sub_target = torch.where((target >= 0) & (columns[pos] == target), pos, torch.full_like(target, -1))
+    # each row's target among the overriding rows, -1 where it is not one of them
+    slot = source.override_slot[target.clamp_min(0)]
+    sub_target = torch.where((target >= 0) & (slot >= 0), slot, torch.full_like(target, -1))
     with torch.enable_grad():
-        leaf = override[source.override_order].detach().requires_grad_(True)
+        leaf = override.detach().requires_grad_(True)
         w = F.normalize(leaf.to(out_dtype), dim=1) if source.normalize else leaf.to(out_dtype)
-        with ctx.autocast():
-            cos = normed.detach() @ w.t()
-        logits = ctx.margin_loss(cos.to(out_dtype).clamp(-1.0, 1.0), sub_target)
+        logits = ctx.margin_loss(_cosines(normed.detach(), w, out_dtype, ctx.autocast).clamp(-1.0, 1.0), sub_target)
         with torch.no_grad():
             upstream = _upstream(logits, sub_target, row_max, grad_sum_exp, grad_target)
         (g,) = torch.autograd.grad(logits, leaf, upstream)
-    grad = torch.zeros_like(override)
-    grad[source.override_order] = g.to(grad.dtype)
-    return grad
+    return g.to(override.dtype)
 
 
 def chunked_softmax_statistics(

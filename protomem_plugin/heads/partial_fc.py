@@ -49,8 +49,7 @@ class PartialFC(Head):
         self.register_buffer("last_update_step", torch.zeros(self.num_local, dtype=torch.int64))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.sampler_seed = int(sampler_seed) + self.rank
-        self._generator: torch.Generator | None = None
-        self._pending_rng_state: torch.Tensor | None = None
+        self._sampler_draws = 0  # negative samplings drawn so far (host counter, checkpointed)
 
     def initial_centres(self) -> torch.Tensor:
         """N(0, 0.01) centres of this shard, the same values whatever the number of ranks.
@@ -71,73 +70,100 @@ class PartialFC(Head):
         return torch.cat(rows) if rows else torch.empty(0, self.embedding_size)
 
     # ------------------------------------------------------------------ sampling RNG (resumable)
-    def _rng(self) -> torch.Generator:
-        device = self.weight.device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.sampler_seed)
-            if self._pending_rng_state is not None:
-                self._generator.set_state(self._pending_rng_state)
-                self._pending_rng_state = None
-        return self._generator
+    def _draw_generator(self) -> torch.Generator:
+        """The generator of this step's negative sampling: seeded from ``(sampler_seed, draws so far)``.
+
+        The checkpointed state is those two integers, not a generator state, so it loads on any
+        device type (a CUDA generator's state does not fit a CPU generator) and number of GPUs.
+        """
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed((self.sampler_seed * 1_000_003 + self._sampler_draws) % 2**63)
+        self._sampler_draws += 1
+        return generator
 
     def get_extra_state(self) -> Any:
-        state = self._rng().get_state() if self.num_sample < self.num_local else torch.empty(0, dtype=torch.uint8)
-        return {"sampler_rng": state}
+        return {"sampler_seed": self.sampler_seed, "sampler_draws": self._sampler_draws}
 
     def set_extra_state(self, state: Any) -> None:
-        rng = state.get("sampler_rng") if isinstance(state, dict) else None
-        if rng is not None and rng.numel():
-            self._generator = None
-            self._pending_rng_state = rng.cpu()
+        if isinstance(state, dict) and "sampler_draws" in state:
+            self._sampler_draws = int(state["sampler_draws"])
+        # an older checkpoint holds a raw generator state ("sampler_rng"), which is device-specific:
+        # the draws then continue from the head's step count (set in _load_from_state_dict)
+        else:
+            self._sampler_draws = -1
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for name in ("_extra_state", "last_update_step", "step"):
             if prefix + name in missing_keys:  # arcface_torch's PartialFC_V2 checkpoints hold only `weight`
                 missing_keys.remove(prefix + name)
+        if self._sampler_draws < 0:
+            self._sampler_draws = int(self.step)
 
     # ------------------------------------------------------------------ resharding
-    def shard_rows(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a tensor holding one row per class (in class order)."""
-        return full[self.class_start : self.class_start + self.num_local]
+    def shard_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's rows of per-class tensors split over old ranks (``parts`` in rank order).
+
+        Only the overlapping rows of each part are read (cheap on memory-mapped checkpoints); the
+        parts are never concatenated whole.
+        """
+        total = sum(int(p.shape[0]) for p in parts)
+        if total != self.num_classes:
+            raise ValueError(f"checkpoint shards hold {total} class rows, the head expects {self.num_classes}")
+        start, stop, offset, rows = self.class_start, self.class_start + self.num_local, 0, []
+        for part in parts:
+            lo, hi = max(start, offset), min(stop, offset + int(part.shape[0]))
+            if lo < hi:
+                rows.append(part[lo - offset : hi - offset])
+            offset += int(part.shape[0])
+        return torch.cat(rows) if rows else parts[0][:0].clone()
 
     def merge_shard_states(self, states: list[dict]) -> dict:
         """This rank's state from the head states of a run on ``len(states)`` ranks (rank order)."""
-        full = torch.cat([s["weight"] for s in states])
-        if full.shape[0] != self.num_classes:
-            raise ValueError(f"checkpoint shards hold {full.shape[0]} class centres, the head expects {self.num_classes}")
-        state = {"weight": self.shard_rows(full).clone()}
+        state = {"weight": self.shard_rows([s["weight"] for s in states])}
         if all("last_update_step" in s for s in states):
-            state["last_update_step"] = self.shard_rows(torch.cat([s["last_update_step"] for s in states])).clone()
+            state["last_update_step"] = self.shard_rows([s["last_update_step"] for s in states])
             state["step"] = states[0]["step"].clone()
         return state
 
     # ------------------------------------------------------------------ forward
-    def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the centres used this step (all positives first choice) and remapped targets."""
+    def sample(self, local_targets: torch.Tensor, num_positive: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the centres used this step (all positives first choice) and remapped targets.
+
+        ``num_positive``: the number of distinct targets when the caller already knows it (else read here).
+        """
         has_target = local_targets >= 0
+        if num_positive is None:
+            num_positive = int((self.mark_positives(torch.zeros(self.num_local, device=local_targets.device),
+                                                    local_targets, 1.0) > 0).sum())
         if self.num_sample >= self.num_local:
             return torch.arange(self.num_local, device=local_targets.device), local_targets
-        positives = torch.unique(local_targets[has_target])
-        if positives.numel() >= self.num_sample:
-            index = positives
-        else:
-            score = torch.rand(self.num_local, generator=self._rng(), device=self.weight.device)
-            score[positives] = 2.0
-            index = torch.topk(score, k=self.num_sample).indices.sort().values
-        remapped = torch.full_like(local_targets, -1)
-        remapped[has_target] = torch.searchsorted(index, local_targets[has_target])
-        return index, remapped
+        score = torch.rand(self.num_local, generator=self._draw_generator(), device=self.weight.device)
+        score = self.mark_positives(score, local_targets, 2.0)
+        index = torch.topk(score, k=max(self.num_sample, num_positive)).indices.sort().values
+        remapped = torch.searchsorted(index, local_targets.clamp_min(0))
+        return index, torch.where(has_target, remapped, torch.full_like(remapped, -1))
+
+    @staticmethod
+    def mark_positives(values: torch.Tensor, targets: torch.Tensor, mark: float) -> torch.Tensor:
+        """``values`` with the entries of the targets (``>= 0``) raised to ``mark`` (no host sync)."""
+        raised = torch.where(targets >= 0, torch.full_like(targets, mark, dtype=values.dtype),
+                             torch.full_like(targets, float("-inf"), dtype=values.dtype))
+        return values.scatter_reduce(0, targets.clamp_min(0), raised, reduce="amax")
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, **extras: Any) -> torch.Tensor:
         local_embeddings, local_labels = self.check_local_inputs(local_embeddings, local_labels)
         embeddings, labels = self.gather(local_embeddings, local_labels)
-        self.check_global_inputs(embeddings, labels)
         in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local_targets = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
         with torch.no_grad():
-            index, targets = self.sample(local_targets)
+            positive = self.mark_positives(torch.zeros(self.num_local, device=labels.device), local_targets, 1.0) > 0
+        # the input checks and the number of positive classes: one read of the device per step
+        flags = torch.stack([*self.global_input_flags(embeddings, labels), positive.sum()]).tolist()
+        self.raise_input_errors(embeddings, labels, flags[:2])
+        num_positive = int(flags[2])
+        with torch.no_grad():
+            index, targets = self.sample(local_targets, num_positive)
         every = index.numel() == self.num_local
 
         def plain_cosines() -> torch.Tensor:
@@ -151,11 +177,11 @@ class PartialFC(Head):
         loss = self.margin_cross_entropy(normed, source, targets, plain_cosines)
         with torch.no_grad():
             ages = self.step - self.last_update_step[index]
-            positive_ages = ages[torch.unique(targets[targets >= 0])]
+            positive_age_sum = torch.where(positive[index], ages, torch.zeros_like(ages)).sum()
             self.last_update_step[index] = self.step
             self.step += 1
-        self.record_stats([index.numel(), positive_ages.numel(), self.num_classes, ages.sum(),
-                           ages.max() if ages.numel() else 0, positive_ages.sum()], embeddings.device)
+        self.record_stats([index.numel(), num_positive, self.num_classes, ages.sum(),
+                           ages.max() if ages.numel() else 0, positive_age_sum], embeddings.device)
         return loss
 
     def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:

@@ -59,6 +59,25 @@ class _StoredCosines(torch.autograd.Function):
         return out, None
 
 
+def batch_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.unique(labels, return_inverse=True)`` padded to ``len(labels)``, without a host sync.
+
+    Returns the ascending classes (entries past the number of classes repeat the largest one),
+    the class position of each label and a mask of the sorted labels that start a class
+    (its sum is the number of classes).
+    """
+    sorted_labels, order = torch.sort(labels)
+    first = torch.ones_like(sorted_labels, dtype=torch.bool)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    group_of_sorted = torch.cumsum(first.long(), 0) - 1
+    group_index = torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)
+    classes = sorted_labels.clone()
+    classes.scatter_(0, group_of_sorted, sorted_labels)  # every label of a group writes the same value
+    last = group_of_sorted[-1:]
+    past = torch.arange(labels.numel(), device=labels.device) > last
+    return torch.where(past, sorted_labels[-1:], classes), group_index, first
+
+
 class PrototypeMemory(Head):
     """Prototype Memory head: a fixed-size, sharded memory of recent class prototypes."""
 
@@ -165,20 +184,32 @@ class PrototypeMemory(Head):
             )
         self.check_storable(classes, prototypes)
         slots = self.lookup_slots(classes)
+        return self._store(classes, prototypes, slots, int((slots < 0).sum()))
+
+    @torch.no_grad()
+    def _store(self, classes: torch.Tensor, prototypes: torch.Tensor, slots: torch.Tensor,
+               num_new: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`write_prototypes` once the slots (``-1`` for new classes) and their count are known.
+
+        No host-device synchronisation: masks become index lists by stable sorts of known length.
+        """
         new = slots < 0
-        num_new = int(new.sum())
         evicted = torch.zeros((), dtype=torch.int64, device=classes.device)
         if num_new:
             order = torch.arange(self.num_local_slots, device=classes.device)
             key = (self.slot_step + 1) * self.num_local_slots + order
-            key[slots[~new]] = _INT64_MAX
+            # the slots refreshed this step cannot be taken (amax: new classes' -1 entries change nothing)
+            taken = torch.where(new, torch.full_like(slots, -1), torch.full_like(slots, _INT64_MAX))
+            key.scatter_reduce_(0, slots.clamp_min(0), taken, reduce="amax")
             chosen = torch.topk(key, num_new, largest=False, sorted=True).indices
             evicted = (self.slot_class[chosen] >= 0).sum()
-            slots[new] = chosen
+            new_positions = torch.sort(new.logical_not().to(torch.int8), stable=True).indices[:num_new]
+            slots = slots.index_put((new_positions,), chosen)
         self.memory[slots] = prototypes.to(self.memory.dtype)
         self.slot_class[slots] = classes
         self.slot_step[slots] = self.step
-        return slots, {"new": torch.tensor(num_new), "refreshed": torch.tensor(count - num_new), "evicted": evicted}
+        count = classes.numel()
+        return slots, {"new": num_new, "refreshed": count - num_new, "evicted": evicted}
 
     # ------------------------------------------------------------------ resharding
     def merge_shard_states(self, states: list[dict]) -> dict:
@@ -187,11 +218,12 @@ class PrototypeMemory(Head):
         The stored classes this rank owns are kept, the most recently written first when they
         exceed its slots; they fill the first slots in (write step, class) order.
         """
-        classes = torch.cat([s["slot_class"] for s in states])
-        steps = torch.cat([s["slot_step"] for s in states])
-        memory = torch.cat([s["memory"] for s in states])
-        keep = (classes >= 0) & (D.owner_shard(classes, self.world_size) == self.rank)
-        classes, steps, memory = classes[keep], steps[keep], memory[keep]
+        kept = []  # only the rows this rank owns are read from each shard (cheap on memory-mapped files)
+        for s in states:
+            keep = torch.nonzero((s["slot_class"] >= 0) & (D.owner_shard(s["slot_class"], self.world_size) == self.rank))
+            keep = keep.squeeze(1)
+            kept.append((s["slot_class"][keep], s["slot_step"][keep], s["memory"][keep]))
+        classes, steps, memory = (torch.cat(parts) for parts in zip(*kept))
         newest = torch.argsort(-steps * self.num_classes + classes)[: self.num_local_slots]
         index = newest[torch.argsort(steps[newest] * self.num_classes + classes[newest])]
         state = {k: v.clone() for k, v in self.state_dict().items()}
@@ -207,45 +239,90 @@ class PrototypeMemory(Head):
 
     # ------------------------------------------------------------------ forward
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, **extras: Any) -> torch.Tensor:
+        """One step; the host reads the device once (:meth:`plan_step`), all else is queued."""
         local_embeddings, local_labels = self.check_local_inputs(local_embeddings, local_labels)
         extras = self.gather_extras(local_embeddings, extras)
         embeddings, labels = self.gather(local_embeddings, local_labels)
-        self.check_global_inputs(embeddings, labels)
         if embeddings.dtype != torch.float64:
             embeddings = embeddings.float()
         normed = F.normalize(embeddings, dim=1)
 
-        classes, group_index = torch.unique(labels, sorted=True, return_inverse=True)
+        classes, group_index, first = batch_classes(labels)  # padded to the batch size, no sync
         weights = self.sample_weights(embeddings, normed, group_index, classes.numel(), extras)
         weighted = normed if weights is None else normed * weights.to(normed.dtype).unsqueeze(1)
-        owned = D.owner_shard(classes, self.world_size) == self.rank
         sums = torch.zeros(classes.numel(), normed.shape[1], dtype=normed.dtype, device=normed.device)
-        sums = sums.index_add(0, group_index, weighted)
-        all_prototypes = F.normalize(sums, dim=1)
-        self._last_batch = (classes, all_prototypes.detach())
-        self.check_storable(classes, all_prototypes)  # every rank checks the whole batch: all raise alike
-        prototypes = all_prototypes[owned]
+        all_prototypes = F.normalize(sums.index_add(0, group_index, weighted), dim=1)
+        real = torch.arange(classes.numel(), device=labels.device) < first.sum()
+        owned = real & (D.owner_shard(classes, self.world_size) == self.rank)
+        found = self.lookup_slots(classes)
+        plan = self.plan_step(embeddings, labels, classes, all_prototypes, real, owned, found, extras)
+        self.commit_step_state()
+
+        self._last_batch = (classes[: plan["classes"]], all_prototypes[: plan["classes"]].detach())
+        owned_rows = torch.sort(owned.logical_not().to(torch.int8), stable=True).indices[: plan["owned"]]
+        prototypes = all_prototypes.index_select(0, owned_rows)
         if not self.prototype_grad:
             prototypes = prototypes.detach()
+        slots, counts = self._store(classes[owned_rows], prototypes.detach(), found[owned_rows], plan["new"])
+        occupied = min(plan["occupied"] + plan["new"], self.num_local_slots)
+        if plan["prefix"]:  # slots fill in index order: the occupied ones are a prefix, columns = slots
+            stored, occupied_index, written_columns = self.memory[:occupied], None, slots
+            ages = self.step - self.slot_step[:occupied]
+        else:  # a state loaded with gaps between occupied slots
+            occupied_index, written_columns, ages = self.occupied_columns(slots)
+            stored = self.memory if occupied_index is None else self.memory[occupied_index]
 
-        slots, counts = self.write_prototypes(classes[owned], prototypes.detach())
-        occupied_index, written_columns, ages = self.occupied_columns(slots)
-
-        owned_position = torch.cumsum(owned.long(), 0) - 1
-        sample_owned = owned[group_index]
-        targets = torch.full_like(labels, -1)
-        targets[sample_owned] = written_columns[owned_position[group_index[sample_owned]]]
-        source = ColumnSource(self.memory, index=occupied_index, override_columns=written_columns, override=prototypes)
-        loss = self.margin_cross_entropy(
-            normed, source, targets, lambda: self.cosine_logits(normed, prototypes, occupied_index, written_columns)
-        )
+        group_column = torch.full_like(classes, -1).index_put((owned_rows,), written_columns)
+        targets = group_column[group_index]
+        source = ColumnSource(stored, override_columns=written_columns, override=prototypes)
+        loss = self.margin_cross_entropy(normed, source, targets,
+                                         lambda: self.cosine_logits(normed, prototypes, stored, written_columns))
         self.step += 1
         self.record_stats(
-            [ages.numel(), self.num_local_slots, int(owned.sum()), counts["new"], counts["refreshed"],
-             counts["evicted"], ages.sum(), ages.max() if ages.numel() else 0],
+            [occupied, self.num_local_slots, plan["owned"], counts["new"], counts["refreshed"], counts["evicted"],
+             ages.sum(), ages.max() if ages.numel() else 0],
             embeddings.device,
         )
         return loss
+
+    def plan_step(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+                  prototypes: torch.Tensor, real: torch.Tensor, owned: torch.Tensor, found: torch.Tensor,
+                  extras: dict[str, Any]) -> dict[str, int]:
+        """The step's data-dependent sizes and every input check, read from the device in one copy.
+
+        Returns the counts of batch classes, classes this shard owns, new classes among them and
+        occupied slots, and whether the occupied slots form a prefix. Raises (every rank alike: the
+        checks see the gathered batch) before anything is written.
+        """
+        occupied = self.slot_class >= 0
+        prototype_bad = real & ~torch.isfinite(prototypes.detach().to(self.memory.dtype)).all(dim=1)
+        values = torch.stack([
+            real.sum(), owned.sum(), (owned & (found < 0)).sum(), occupied.sum(),
+            (occupied[1:] & ~occupied[:-1]).any().logical_not(), prototype_bad.any(),
+            *self.global_input_flags(embeddings, labels), *self.extras_flags(extras),
+        ]).tolist()
+        num_classes, num_owned, num_new, num_occupied, prefix, bad_prototype = values[:6]
+        self.raise_input_errors(embeddings, labels, values[6:8])
+        self.raise_extras_errors(values[8:])
+        if bad_prototype:
+            self.check_storable(classes, prototypes)
+        if num_owned > self.num_local_slots:
+            raise ValueError(
+                f"memory_size={self.memory_size} is too small for one global batch: shard {self.rank} "
+                f"received {num_owned} classes this step but holds {self.num_local_slots} slots"
+            )
+        return {"classes": num_classes, "owned": num_owned, "new": num_new, "occupied": num_occupied,
+                "prefix": bool(prefix)}
+
+    def extras_flags(self, extras: dict[str, Any]) -> list[torch.Tensor]:
+        """Device flags of invalid per-sample extras (none for PM); read with the step's plan."""
+        return []
+
+    def raise_extras_errors(self, flags: list) -> None:
+        """Raise for the extras flagged by :meth:`extras_flags`."""
+
+    def commit_step_state(self) -> None:
+        """Write state computed before the step's checks (none for PM; QAPM's UI prototype)."""
 
     @torch.no_grad()
     def nearest_classes(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +358,7 @@ class PrototypeMemory(Head):
         return {}
 
     def occupied_columns(self, slots: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Logit columns of the shard: the occupied slots in slot order.
+        """Logit columns of the shard when the occupied slots are not a prefix: those slots in slot order.
 
         Returns the slot of each column (``None`` when every slot is occupied), the column of each
         of ``slots`` and the ages (steps since write) of the occupied slots.
@@ -294,17 +371,20 @@ class PrototypeMemory(Head):
         return index, column_of_slot[slots], self.step - self.slot_step[index]
 
     def cosine_logits(
-        self, normed: torch.Tensor, prototypes: torch.Tensor, occupied_index: Optional[torch.Tensor],
-        written_columns: torch.Tensor,
+        self, normed: torch.Tensor, prototypes: torch.Tensor, stored: torch.Tensor, written_columns: torch.Tensor,
     ) -> torch.Tensor:
-        """``(B, C)`` cosines against the occupied slots; the written columns use the attached ``prototypes``."""
-        stored = self.memory if occupied_index is None else self.memory[occupied_index]
-        with self.autocast(normed.device):
-            if stored.dtype == normed.dtype or self.fp16:
-                logits = normed @ stored.to(normed.dtype).t()
-            else:  # low-precision storage: widen block by block, never a full-precision copy of the memory
-                logits = _StoredCosines.apply(normed, stored)
-            fresh = normed @ prototypes.t()
+        """``(B, C)`` cosines against the ``stored`` rows; the written columns use the attached ``prototypes``.
+
+        The stored rows are never copied whole: a matmul reads them in their own dtype when it is the
+        compute dtype, else :class:`_StoredCosines` widens them block by block.
+        """
+        compute = normed.dtype
+        if self.fp16:  # the autocast dtype of the head
+            compute = torch.float16 if normed.device.type == "cuda" else torch.bfloat16
+        x = normed.to(compute)
+        with torch.autocast(normed.device.type, enabled=False):
+            logits = x @ stored.t() if stored.dtype == compute else _StoredCosines.apply(x, stored)
+            fresh = x @ prototypes.to(compute).t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
         logits = logits.to(out_dtype)
         # in place: the matmul's backward does not read its output, so no (B, C) copy is needed

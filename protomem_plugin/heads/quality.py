@@ -90,6 +90,7 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         self.register_buffer("ui_prototype", torch.zeros(self.embedding_size))
         self.register_buffer("ui_updates", torch.zeros((), dtype=torch.int64))
         self._quality_stats: list[torch.Tensor] = []
+        self._pending_ui: Optional[torch.Tensor] = None
 
     def merge_shard_states(self, states: list[dict]) -> dict:
         state = super().merge_shard_states(states)
@@ -110,23 +111,40 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         if quality.shape != (local_embeddings.shape[0],):
             raise ValueError(f"quality must have shape ({local_embeddings.shape[0]},), got {tuple(quality.shape)}")
         quality = quality.detach().to(torch.float64 if local_embeddings.dtype == torch.float64 else torch.float32)
-        if not bool(torch.isfinite(quality).all()) or bool((quality < 0).any()):
-            raise ValueError("quality must be finite and non-negative")
         return {"quality": D.all_gather_no_grad(quality, self.process_group)}
+
+    def extras_flags(self, extras: dict[str, Any]) -> list[torch.Tensor]:
+        if "quality" not in extras:
+            return []
+        quality = extras["quality"]
+        return [(~torch.isfinite(quality) | (quality < 0)).any()]
+
+    def raise_extras_errors(self, flags: list) -> None:
+        if flags and flags[0]:
+            raise ValueError("quality must be finite and non-negative")
+
+    def commit_step_state(self) -> None:
+        """Write the unrecognizable-identity prototype of this step (after the step's checks passed)."""
+        if self._pending_ui is not None:
+            self.ui_prototype.copy_(self._pending_ui)
+            self.ui_updates += 1
+            self._pending_ui = None
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_ui_prototype(self, embeddings: torch.Tensor, normed: torch.Tensor) -> None:
-        """Blend the normalised mean of the lowest-norm embeddings into the UI prototype."""
+    def next_ui_prototype(self, embeddings: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """The UI prototype after this batch: the normalised mean of its lowest-norm embeddings blended in
+        (the first batch sets it). Computed without a host sync; written by :meth:`commit_step_state`."""
         count = max(1, int(round(self.ui_fraction * embeddings.shape[0])))
         lowest = torch.topk(embeddings.norm(dim=1), count, largest=False).indices
         batch_u = F.normalize(normed[lowest].mean(dim=0), dim=0).to(self.ui_prototype.dtype)
-        if int(self.ui_updates) == 0:
-            blended = batch_u
-        else:
-            blended = self.ui_momentum * self.ui_prototype + (1.0 - self.ui_momentum) * batch_u
-        self.ui_prototype.copy_(F.normalize(blended, dim=0))
-        self.ui_updates += 1
+        blended = self.ui_momentum * self.ui_prototype + (1.0 - self.ui_momentum) * batch_u
+        return torch.where(self.ui_updates == 0, batch_u, F.normalize(blended, dim=0))
+
+    def update_ui_prototype(self, embeddings: torch.Tensor, normed: torch.Tensor) -> None:
+        """Blend the normalised mean of the lowest-norm embeddings into the UI prototype now."""
+        self._pending_ui = self.next_ui_prototype(embeddings, normed)
+        self.commit_step_state()
 
     @torch.no_grad()
     def raw_quality(self, embeddings: torch.Tensor, normed: torch.Tensor, group_index: torch.Tensor,
@@ -139,8 +157,8 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
             return (norms / group_max[group_index].clamp_min(torch.finfo(norms.dtype).tiny)) ** self.norm_power
         if self.quality_source == "external":
             return extras["quality"] ** self.external_power
-        self.update_ui_prototype(embeddings.detach(), normed.detach())
-        ui_cos = normed.detach() @ self.ui_prototype.to(normed.dtype)
+        self._pending_ui = self.next_ui_prototype(embeddings.detach(), normed.detach())
+        ui_cos = normed.detach() @ self._pending_ui.to(normed.dtype)
         if self.quality_source == "recognizability_soft":
             return torch.sigmoid((self.ui_threshold - ui_cos) / self.recognizability_temperature)
         return (ui_cos < self.ui_threshold).to(normed.dtype)
@@ -155,8 +173,11 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         vanished = group_max <= torch.finfo(quality.dtype).eps
         safe_max = torch.where(vanished, torch.ones_like(group_max), group_max)
         weights = torch.where(vanished[group_index], torch.ones_like(quality), quality / safe_max[group_index])
-        ui_cos = normed.detach() @ self.ui_prototype.to(normed.dtype) if int(self.ui_updates) else torch.zeros_like(quality)
-        self._quality_stats = [weights.mean(), weights.std(unbiased=False), weights.min(), vanished.sum(), ui_cos.mean()]
+        ui = self._pending_ui if self._pending_ui is not None else self.ui_prototype
+        ui_cos = normed.detach() @ ui.to(normed.dtype)  # 0 while the UI prototype is still unset (zeros)
+        present = torch.zeros_like(vanished).index_fill_(0, group_index, True)  # groups past the batch's are padding
+        self._quality_stats = [weights.mean(), weights.std(unbiased=False), weights.min(), (vanished & present).sum(),
+                               ui_cos.mean()]
         return weights
 
     def record_stats(self, values: list, device: torch.device) -> None:

@@ -27,6 +27,7 @@ class TrainingLogger:
         self._tick = time.time()
         self._tick_step = start_step
         self._losses: list[float] = []
+        self._pending: list[tuple] = []
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -39,21 +40,45 @@ class TrainingLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, global_step: int, epoch: int, loss: float, lr: float, skipped: bool) -> None:
-        """Record one optimisation step (``loss`` is NaN for a skipped step)."""
+    def step(self, global_step: int, epoch: int, loss: torch.Tensor | float, lr: float, skipped: bool) -> None:
+        """Record one optimisation step (``loss`` is NaN for a skipped step).
+
+        ``loss`` may be a device tensor: it is kept there and read with the other pending steps at
+        the next :meth:`flush` (a report, a checkpoint, the end), so a step costs no host sync.
+        """
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "skipped": skipped}) + "\n")
-        if not skipped:
-            self._losses.append(loss)
+        self._pending.append((global_step, epoch, loss, lr, skipped))
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", epoch=epoch)
+
+    def flush(self) -> None:
+        """Write the pending steps to ``train_log.jsonl`` (one read of their losses from the device)."""
+        if not self.enabled or not self._pending:
+            return
+        losses = [row[2] for row in self._pending]
+        on_device = [i for i, v in enumerate(losses) if isinstance(v, torch.Tensor)]
+        if on_device:
+            read = torch.stack([losses[i].detach().reshape(()).double() for i in on_device]).tolist()
+            for i, value in zip(on_device, read):
+                losses[i] = value
+        for (global_step, epoch, _, lr, skipped), loss in zip(self._pending, losses):
+            loss = float("nan") if skipped else loss
+            self.jsonl.write(json.dumps({"step": global_step, "epoch": epoch, "loss": loss, "lr": lr,
+                                         "skipped": skipped}) + "\n")
+            if not skipped:
+                self._losses.append(loss)
+        if self.bar is not None:
+            last = self._pending[-1]
+            self.bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{last[3]:.4f}", epoch=last[1])
+        self._pending = []
+        self.jsonl.flush()
 
     def report(self, global_step: int, epoch: int, lr: float, head_stats: dict[str, float], extra: dict[str, float]) -> None:
         """The every-``frequent``-steps line: samples/s, mean loss, lr, ETA; scalars to TensorBoard."""
         if not self.enabled:
             return
+        self.flush()
         now = time.time()
         steps = max(1, global_step - self._tick_step)
         speed = steps * self.global_batch / max(now - self._tick, 1e-9)
@@ -84,6 +109,7 @@ class TrainingLogger:
             (self.bar.write if self.bar is not None else print)(stamped)
 
     def close(self) -> None:
+        self.flush()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

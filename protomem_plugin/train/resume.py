@@ -42,7 +42,7 @@ def _reshard_optimizer_state(states: list[dict], source: dict, head: nn.Module) 
         new = {}
         for key, value in per_rank[0].items():
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
-                new[key] = head.shard_rows(torch.cat([p[key] for p in per_rank])).clone()
+                new[key] = head.shard_rows([p[key] for p in per_rank])
             else:
                 new[key] = value
         merged["state"][pid] = new

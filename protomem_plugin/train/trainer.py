@@ -127,10 +127,27 @@ def snapshot_buffers(module: nn.Module) -> list[torch.Tensor]:
     return [b.detach().clone() for b in module.buffers()]
 
 
-def buffers_finite(module: nn.Module) -> bool:
-    """Whether every floating buffer (BatchNorm statistics) is finite, in one fused reduction."""
+def buffers_finite(module: nn.Module) -> torch.Tensor:
+    """Whether every floating buffer (BatchNorm statistics) is finite: a device bool, one fused reduction."""
     floats = [b for b in module.buffers() if b.is_floating_point()]
-    return not floats or bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all())
+    if not floats:
+        return torch.ones((), dtype=torch.bool, device=next(module.parameters()).device)
+    return torch.isfinite(torch.stack(torch._foreach_norm(floats))).all()
+
+
+def steps_agree(good: torch.Tensor, runtime: Runtime) -> bool:
+    """True when the step is finite on every rank (all-reduced, so all ranks take the same branch)."""
+    bad = good.logical_not().to(torch.float32).reshape(1)
+    if runtime.world_size > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without stalling the host (pinned, non-blocking on a GPU)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
 
 
 def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:
@@ -218,7 +235,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
         return result
 
     consecutive_nonfinite = 0
-    last_loss = float("nan")
+    last_loss: torch.Tensor | float = float("nan")
     verification: dict[str, float] = {}
     accumulate = int(cfg.gradient_acc)
     try:
@@ -235,39 +252,47 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                     extras = {}
                     if setup.quality is not None:
                         positions = torch.as_tensor(loader.current_positions)
-                        extras["quality"] = setup.quality[positions].to(runtime.device, setup.dtype)
+                        extras["quality"] = host_to_device(setup.quality[positions], runtime.device, setup.dtype)
                     loss = head(embeddings if setup.dtype == torch.float64 else embeddings.float(), labels, **extras)
-                except NonFiniteEmbeddingError:
-                    loss = torch.tensor(float("nan"), device=runtime.device)
-                finite = bool(torch.isfinite(loss.detach())) and buffers_finite(backbone)
-                if finite:
+                except NonFiniteEmbeddingError:  # raised alike on every rank (the head checks the global batch)
+                    loss = torch.full((), float("nan"), device=runtime.device)
+                boundary = global_step % accumulate == 0
+                # every rank runs the backward (DDP's collectives pair up), then all agree on skipping
+                if loss.requires_grad:
                     scaler.scale(loss / accumulate).backward()
-                    if global_step % accumulate == 0:
-                        scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), float(cfg.clip_grad_norm))
-                        if not scaler.is_enabled() and not bool(torch.isfinite(norm)):
-                            finite = False  # no non-finite gradient reaches the weights
-                        else:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                else:
+                good = torch.isfinite(loss.detach()) & buffers_finite(backbone)
+                unscaled = False
+                if boundary and loss.requires_grad:
+                    scaler.unscale_(optimizer)
+                    unscaled = True
+                    norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), float(cfg.clip_grad_norm))
+                    if not scaler.is_enabled():  # no non-finite gradient reaches the weights
+                        good = good & torch.isfinite(norm)
+                finite = steps_agree(good, runtime)  # the step's one read of the device
+                if finite and boundary:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                elif not finite:
+                    if unscaled:
+                        scaler.update()  # the scaler expects an update after unscale_
                     optimizer.zero_grad(set_to_none=True)
                 if finite:
                     consecutive_nonfinite = 0
-                    last_loss = float(loss.detach())
+                    last_loss = loss.detach()
                 else:
                     restore_buffers(backbone, buffers_before)  # BatchNorm statistics of the bad forward
                     consecutive_nonfinite += 1
                     nonfinite_total += 1
-                    logger.write(f"step {global_step}: non-finite loss or gradient, step skipped "
-                                 f"({consecutive_nonfinite} in a row, {nonfinite_total} in total)")
+                    logger.write(f"step {global_step}: non-finite loss, gradient or BatchNorm statistics on "
+                                 f"some rank, step skipped on every rank ({consecutive_nonfinite} in a row, "
+                                 f"{nonfinite_total} in total)")
                 if cfg.doppelganger_mining and finite:
                     classes, neighbours = head.nearest_classes(int(cfg.doppelganger_k))
                     loader.sampler.table.update(classes.cpu().numpy(), neighbours.cpu().numpy())
                 scheduler.step()
                 lr = scheduler.get_last_lr()[0]
-                logger.step(global_step, epoch, float(loss.detach()) if finite else float("nan"), lr, skipped=not finite)
+                logger.step(global_step, epoch, loss.detach() if finite else float("nan"), lr, skipped=not finite)
                 if consecutive_nonfinite >= int(cfg.max_nonfinite_steps):
                     raise NonFiniteLossError(
                         f"{consecutive_nonfinite} consecutive non-finite losses at step {global_step}; "
@@ -277,6 +302,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                 if verify is not None and cfg.get("verbose") and global_step % int(cfg.verbose) == 0:
                     verification = verification_now()
                 if cfg.save_every_steps and global_step % int(cfg.save_every_steps) == 0:
+                    logger.flush()
                     checkpoint(epoch)
                 if global_step >= stop_step:
                     break
@@ -295,5 +321,6 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                 verification = verification_now()
     finally:
         logger.close()
+    last_loss = float(last_loss)
     return {"global_step": global_step, "last_loss": last_loss, "verification": verification,
             "nonfinite_steps": nonfinite_total, "output": cfg.output}

@@ -120,3 +120,43 @@ def test_arcface_torch_networks_train_on_two_ranks(tmp_path, network):
                           memory_size=64, deterministic=False)
     run_distributed(train_worker, 2, str(config), {"output": str(tmp_path / "out")})
     assert sorted(read_losses(tmp_path / "out")) == [1, 2]
+
+
+def nan_batchnorm_worker(rank, world_size, config_path, bad_rank, bad_step):
+    """Train with a BatchNorm buffer of ``bad_rank`` set to NaN by the forward of step ``bad_step``."""
+    import protomem_plugin.train.trainer as trainer
+
+    build = trainer.get_model
+
+    def get_model_with_fault(*args, **kwargs):
+        model = build(*args, **kwargs)
+        calls = {"n": 0}
+
+        def poison(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if rank == bad_rank and calls["n"] == bad_step:
+                    module.running_var.data.fill_(float("nan"))  # as a bad batch would leave it
+
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).register_forward_hook(poison)
+        return model
+
+    trainer.get_model = get_model_with_fault  # fault injection in this worker process only
+    train(get_config(config_path), Runtime(rank, world_size, 0, CPU))
+
+
+def test_a_non_finite_batchnorm_buffer_on_one_rank_skips_the_step_on_every_rank(tmp_path, tiny_rec):
+    out = tmp_path / "out"
+    cfg = job(tmp_path, "c", "prototype_memory", rec=str(tiny_rec), batch_size=8, output=str(out), max_steps=6,
+              freeze_bn=False, compute_dtype="float32", save_every_steps=6)
+    # a rank that skipped alone would leave the other waiting in DDP's gradient all-reduce: bounded by the timeout
+    run_distributed(nan_batchnorm_worker, 2, str(cfg), 1, 3, timeout_s=60)
+    rows = [__import__("json").loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]  # rank 0 skipped step 3 too
+    states = [torch.load(out / f"checkpoint_gpu_{r}.pt", weights_only=True)["state_dict_backbone"] for r in range(2)]
+    for key, value in states[0].items():
+        if value.is_floating_point():
+            assert torch.isfinite(states[1][key]).all(), key  # the bad forward's statistics were undone
+            if "running" not in key:
+                torch.testing.assert_close(value, states[1][key], rtol=0, atol=0)  # the ranks stayed in step

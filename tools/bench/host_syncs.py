@@ -96,6 +96,8 @@ def _train_config(directory: Path, rec: Path, steps: int, head: str):
                   num_epoch=1, warmup_epoch=0, num_classes=200, margin_list=(1.0, 0.0, 0.35), margin_scale=16.0,
                   frequent=10_000, verbose=0, num_workers=1, progress=False, val_targets=[], rec=str(rec),
                   output=str(directory / "out"), head=head, max_steps=steps, sample_rate=1.0)
+    if head != "partial_fc":
+        values["memory_size"] = 32  # full after 4 steps of 8 classes: the counted steps evict
     lines = ["from easydict import EasyDict as edict", "config = edict()"]
     lines += [f"config.{k} = {v!r}" for k, v in values.items()]
     job = configs / "job.py"

@@ -23,7 +23,7 @@ from typing import ClassVar, Iterator
 import numpy as np
 import torch
 
-from .loader import TrainLoader
+from .loader import TrainLoader, host_to_device
 from .recordio import InsightFaceRec, check_image_payload
 from .sampler import GroupedBatchSampler
 
@@ -277,5 +277,5 @@ class DaliTrainLoader(TrainLoader):
         self._started = True
         for _ in range(len(batches)):
             images, labels = self.pipeline.run()
-            yield self._to_torch(images, torch.float32), self._to_torch(labels, torch.int64).to(self.device)
+            yield self._to_torch(images, torch.float32), host_to_device(self._to_torch(labels, torch.int64), self.device)
         self._finish_epoch()

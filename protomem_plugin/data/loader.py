@@ -21,10 +21,19 @@ from .folders import open_train_source
 from .recordio import InsightFaceRec
 from .sampler import GroupedBatchSampler
 
-__all__ = ["TrainLoader", "build_train_loader", "normalize_batch"]
+__all__ = ["TrainLoader", "build_train_loader", "host_to_device", "normalize_batch"]
 
 _FLIP_STREAM = 0xF11  # separates the flip random stream from the sampler's
 _DRAW_CHUNK = 1 << 22  # values drawn at a time by image_uniforms: bounds the global-batch transient
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without stalling the host: through pinned memory and
+    non-blocking on a GPU (a copy from pageable memory waits for the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
 
 
 def normalize_batch(images_uint8_nhwc: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .loader import TrainLoader
+from .loader import TrainLoader, host_to_device
 from .sampler import GroupedBatchSampler
 
 __all__ = ["SPEED_TEST_REC", "SpeedTestSource", "build_speed_test_loader"]
@@ -50,7 +50,7 @@ class SpeedTestLoader(TrainLoader):
     def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images = self.images
         for row in batches:
-            yield images, torch.from_numpy(self.rec.labels[row]).to(self.device)
+            yield images, host_to_device(torch.from_numpy(self.rec.labels[row]), self.device)
 
 
 def build_speed_test_loader(num_image: int, num_classes: int, batch_size: int, *, samples_per_class: int = 2,

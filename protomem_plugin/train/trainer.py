@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..backbones import get_model
+from ..data.loader import host_to_device
 from ..heads import NonFiniteEmbeddingError
 from ..losses import build_margin_loss
 from ..registry import build_head
@@ -141,13 +142,6 @@ def steps_agree(good: torch.Tensor, runtime: Runtime) -> bool:
     if runtime.world_size > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad)
-
-
-def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Copy a host tensor to ``device`` without stalling the host (pinned, non-blocking on a GPU)."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, dtype, non_blocking=True)
 
 
 def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:

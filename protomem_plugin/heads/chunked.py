@@ -47,12 +47,16 @@ class ColumnSource:
         override_columns: Optional[torch.Tensor] = None,
         override: Optional[torch.Tensor] = None,
         normalize: bool = False,
+        override_in_weight: bool = False,
     ) -> None:
         if (override_columns is None) != (override is None):
             raise ValueError("override_columns and override must be given together")
         self.weight = weight
         self.index = index
         self.normalize = bool(normalize)
+        # the weight rows of the overridden columns already hold the override values (Prototype
+        # Memory writes its fresh prototypes before the loss): the forward reads the weight alone
+        self.override_in_weight = bool(override_in_weight)
         self.num_columns = int(index.numel()) if index is not None else int(weight.shape[0])
         self.override = override if override_columns is not None and override_columns.numel() else None
         self.override_slot: Optional[torch.Tensor] = None  # column -> row of `override`, -1 elsewhere
@@ -80,8 +84,10 @@ class ColumnSource:
 
     def chunk_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], start: int, stop: int,
                       dtype: torch.dtype) -> torch.Tensor:
-        """Column vectors ``[start, stop)``."""
+        """Column vectors ``[start, stop)`` (values only when the overrides are in the weight)."""
         slots = self.override_slot[start:stop] if self.override_slot is not None else None
+        if self.override_in_weight:
+            slots = None
         return self.vectors(weight[self.rows(start, stop)], override, slots, dtype)
 
     def column_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], columns: torch.Tensor,

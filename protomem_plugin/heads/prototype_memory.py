@@ -149,7 +149,8 @@ class PrototypeMemory(Head):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "memory"
         value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value.to(self.memory.dtype)).all()):
+        if isinstance(value, torch.Tensor) and not all(  # in blocks: no temporary of the memory's size
+                bool(torch.isfinite(block.to(self.memory.dtype)).all()) for block in value.split(_StoredCosines.BLOCK)):
             raise ValueError(f"state_dict key {key!r} holds values that are not finite in {self.memory.dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -218,18 +219,22 @@ class PrototypeMemory(Head):
         The stored classes this rank owns are kept, the most recently written first when they
         exceed its slots; they fill the first slots in (write step, class) order.
         """
-        kept = []  # only the rows this rank owns are read from each shard (cheap on memory-mapped files)
-        for s in states:
-            keep = torch.nonzero((s["slot_class"] >= 0) & (D.owner_shard(s["slot_class"], self.world_size) == self.rank))
-            keep = keep.squeeze(1)
-            kept.append((s["slot_class"][keep], s["slot_step"][keep], s["memory"][keep]))
-        classes, steps, memory = (torch.cat(parts) for parts in zip(*kept))
+        picks = []  # (shard, slot) of every stored class this rank owns: only the small tables are read whole
+        for shard, s in enumerate(states):
+            slots = torch.nonzero((s["slot_class"] >= 0) & (D.owner_shard(s["slot_class"], self.world_size) == self.rank))
+            slots = slots.squeeze(1)
+            picks.append((torch.full_like(slots, shard), slots, s["slot_class"][slots], s["slot_step"][slots]))
+        shard_of, slot_of, classes, steps = (torch.cat(parts) for parts in zip(*picks))
         newest = torch.argsort(-steps * self.num_classes + classes)[: self.num_local_slots]
         index = newest[torch.argsort(steps[newest] * self.num_classes + classes[newest])]
-        state = {k: v.clone() for k, v in self.state_dict().items()}
         count = index.numel()
-        state["memory"].zero_()
-        state["memory"][:count] = memory[index].to(state["memory"].dtype)
+        state = {k: v.clone() for k, v in self.state_dict().items() if k != "memory"}
+        memory = torch.zeros_like(self.memory, device="cpu")
+        for shard, s in enumerate(states):  # each kept row is copied once, in bounded blocks
+            targets = torch.nonzero(shard_of[index] == shard).squeeze(1)
+            for block in targets.split(_StoredCosines.BLOCK):
+                memory[block] = s["memory"][slot_of[index[block]]].to(memory.dtype)
+        state["memory"] = memory
         state["slot_class"].fill_(-1)
         state["slot_class"][:count] = classes[index]
         state["slot_step"].fill_(-1)
@@ -274,7 +279,9 @@ class PrototypeMemory(Head):
 
         group_column = torch.full_like(classes, -1).index_put((owned_rows,), written_columns)
         targets = group_column[group_index]
-        source = ColumnSource(stored, override_columns=written_columns, override=prototypes)
+        # the memory holds this step's prototypes bit for bit when it stores their dtype
+        source = ColumnSource(stored, override_columns=written_columns, override=prototypes,
+                              override_in_weight=stored.dtype == prototypes.dtype)
         loss = self.margin_cross_entropy(normed, source, targets,
                                          lambda: self.cosine_logits(normed, prototypes, stored, written_columns))
         self.step += 1

@@ -115,25 +115,42 @@ def save_training_checkpoint(output_dir: str | os.PathLike, rank: int, *, epoch:
     return atomic_torch_save(state, checkpoint_path(output_dir, rank))
 
 
-def _load(path: Path, map_location: Any) -> Any:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format, the only one torch.load can memory-map
+
+
+def _is_zip_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+
+
+def _load(path: Path, map_location: Any, mmap: bool = False) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # files in torch's legacy (non-zip) format cannot be memory-mapped: they are read whole
+        mmap = mmap and _is_zip_file(path)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except OSError:
         raise
     except Exception as err:  # torch.load signals corruption with many exception types
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
 
 
-def load_training_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def load_training_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                             mmap: bool = False) -> dict[str, Any]:
     """Load a ``checkpoint_gpu_{rank}.pt`` with ``weights_only=True``.
+
+    With ``mmap=True`` (and ``map_location="cpu"``) the file is memory-mapped: the tensors are views
+    of the file and only the pages that are read come into memory, so taking a few keys or a slice
+    of a tensor costs what is read, not the file's size. Such tensors keep the file mapped while any
+    of them lives: copy what must outlive the load. Files in torch's legacy (non-zip) format are
+    read whole.
 
     Raises FileNotFoundError if ``path`` does not exist and :class:`CheckpointError` (a ValueError)
     naming the file if it is corrupt, not a dict, or lacks one of :data:`CHECKPOINT_KEYS`.
     """
     path = Path(path)
-    state = _load(path, map_location)
+    state = _load(path, map_location, mmap)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     missing = [k for k in CHECKPOINT_KEYS if k not in state]

@@ -89,14 +89,15 @@ class CombinedMarginLoss(nn.Module):
             logits = self.filter_interclass(logits, labels)
         # every row reads a column (column 0 where the target is on another shard) and writes it back:
         # fixed shapes, so no host-device synchronisation
-        has_target = (labels >= 0).unsqueeze(1)
-        cols = labels.clamp_min(0).unsqueeze(1)
-        cos = logits.gather(1, cols)
+        # integer indexing, not gather: its backward keeps no reference to the (B, C) logits
+        rows = torch.arange(labels.numel(), device=labels.device)
+        cols = labels.clamp_min(0)
+        cos = logits[rows, cols]
         target = self.target_logit(cos)
         if self.gradient == "straight_through":
             target = cos + (target - cos).detach()
         # scale first, then write the targets in place: one (B, C) buffer instead of two
-        return (logits * self.s).scatter_(1, cols, torch.where(has_target, target, cos) * self.s)
+        return (logits * self.s).index_put_((rows, cols), torch.where(labels >= 0, target, cos) * self.s)
 
     def extra_repr(self) -> str:
         return (

@@ -59,11 +59,18 @@ class ColumnSource:
         self.override_in_weight = bool(override_in_weight)
         self.num_columns = int(index.numel()) if index is not None else int(weight.shape[0])
         self.override = override if override_columns is not None and override_columns.numel() else None
-        self.override_slot: Optional[torch.Tensor] = None  # column -> row of `override`, -1 elsewhere
-        if self.override is not None:
-            positions = torch.arange(override_columns.numel(), device=override_columns.device)
-            self.override_slot = torch.full((self.num_columns,), -1, dtype=torch.int64,
-                                            device=override_columns.device).index_put_((override_columns,), positions)
+        self._override_columns = override_columns
+        self._override_slot: Optional[torch.Tensor] = None
+
+    @property
+    def override_slot(self) -> Optional[torch.Tensor]:
+        """Column -> row of ``override`` (-1 elsewhere); built on first use (the plain path never asks)."""
+        if self.override is not None and self._override_slot is None:
+            columns = self._override_columns
+            positions = torch.arange(columns.numel(), device=columns.device)
+            self._override_slot = torch.full((self.num_columns,), -1, dtype=torch.int64,
+                                             device=columns.device).index_put_((columns,), positions)
+        return self._override_slot
 
     def rows(self, start: int, stop: int):
         """Rows of ``weight`` behind columns ``[start, stop)`` (a slice or an index tensor)."""
@@ -85,9 +92,9 @@ class ColumnSource:
     def chunk_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], start: int, stop: int,
                       dtype: torch.dtype) -> torch.Tensor:
         """Column vectors ``[start, stop)`` (values only when the overrides are in the weight)."""
-        slots = self.override_slot[start:stop] if self.override_slot is not None else None
-        if self.override_in_weight:
-            slots = None
+        slots = None
+        if not self.override_in_weight and self.override_slot is not None:
+            slots = self.override_slot[start:stop]
         return self.vectors(weight[self.rows(start, stop)], override, slots, dtype)
 
     def column_vectors(self, weight: torch.Tensor, override: Optional[torch.Tensor], columns: torch.Tensor,

@@ -141,11 +141,6 @@ class QualityAwarePrototypeMemory(PrototypeMemory):
         blended = self.ui_momentum * self.ui_prototype + (1.0 - self.ui_momentum) * batch_u
         return torch.where(self.ui_updates == 0, batch_u, F.normalize(blended, dim=0))
 
-    def update_ui_prototype(self, embeddings: torch.Tensor, normed: torch.Tensor) -> None:
-        """Blend the normalised mean of the lowest-norm embeddings into the UI prototype now."""
-        self._pending_ui = self.next_ui_prototype(embeddings, normed)
-        self.commit_step_state()
-
     @torch.no_grad()
     def raw_quality(self, embeddings: torch.Tensor, normed: torch.Tensor, group_index: torch.Tensor,
                     num_groups: int, extras: dict[str, Any]) -> torch.Tensor:

@@ -1,35 +1,142 @@
-"""A short version of tools/bench/learning.py: every head trains and is evaluated (mechanics only)."""
+"""tools/bench/learning.py: the grid's mechanics in --quick mode, the cache key, the identity sets."""
+import dataclasses
 import importlib
 import json
 import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 
-def load_bench():
-    """tools/bench/learning.py imported by name, so that its spawned workers can import it too."""
-    sys.path.insert(0, str(REPO / "tools" / "bench"))
-    return importlib.import_module("learning")
+def bench(name: str):
+    """A module of tools/bench imported by name (spawned workers import it the same way)."""
+    return importlib.import_module(name)
 
 
-def test_every_head_trains_and_is_evaluated(tmp_path):
-    bench = load_bench()
-    out = tmp_path / "out"
-    assert bench.main(["--quick", "--seeds", "1", "--steps", "8", "--points", "1", "--jobs", "2",
-                       "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
-    result = json.loads((out / "learning_quick.json").read_text())
-    runs = {(r["regime"], r["head"]) for r in result["runs"]}
-    expected = {(regime, head) for regime, heads in bench.REGIME_HEADS.items() for head in heads}
-    assert runs == expected
-    for run in result["runs"]:
-        final = run["final"]
-        assert final["step"] == 8
-        for key in ("tar@1e-4", "tar@1e-3", "bin_accuracy"):
-            assert 0.0 <= final[key] <= 1.0, (run["head"], key, final[key])
-        assert run["ages"] and math.isfinite(run["ages"]["mean"]), run["head"]
-        log = tmp_path / "data" / "runs_quick" / run["regime"] / f"{run['head']}_seed0" / "train_log.jsonl"
-        losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-        assert len(losses) == 8 and all(math.isfinite(v) for v in losses), (run["head"], losses)
-    assert "| obsolescence | pm |" in (out / "learning_quick.md").read_text()
+@pytest.fixture(scope="module")
+def quick_grid(tmp_path_factory):
+    """PM tuned and reported in the quick obsolescence regime (cache, data and summary under tmp)."""
+    root = tmp_path_factory.mktemp("learning")
+    args = ["--quick", "--data", str(root / "data"), "--cache", str(root / "cache"), "--out", str(root / "out")]
+    assert bench("learning").main(["run", *args, "--regimes", "obsolescence", "--heads", "pm",
+                                   "--stages", "tune,seeds", "--jobs", "2"]) == 0
+    return root, args
+
+
+def cached(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "cache").glob("*.json"))]
+
+
+def test_quick_grid_tunes_on_validation_then_reports_seeds(quick_grid):
+    grid = bench("learning_grid")
+    root, _ = quick_grid
+    results = cached(root)
+    tune = [r for r in results if r["spec"]["seed"] == grid.TUNE_SEED]
+    report = [r for r in results if r["spec"]["seed"] in grid.REPORT_SEEDS]
+    lrs = {r["spec"]["setting"]["lr"]: grid.score(r) for r in tune}
+    assert set(grid.LR_START) <= set(lrs)  # the start points span 100x
+    best = max(lrs, key=lambda lr: (lrs[lr], -abs(math.log10(lr) + 1)))
+    i = grid.LR_GRID.index(best)
+    assert {grid.LR_GRID[j] for j in (i - 1, i + 1) if 0 <= j < len(grid.LR_GRID)} <= set(lrs)  # search finished
+    assert len(report) == len(grid.REPORT_SEEDS)
+    for r in report:  # every report run uses the learning rate validation chose
+        assert r["spec"]["setting"]["lr"] == best and r["status"] == "ok"
+        assert [p["step"] for p in r["curve"]][-1] == r["steps"] and len(r["curve"]) == grid.QUICK_CURVE_POINTS
+        for role in ("val", "test"):
+            assert 0.0 <= r["final"][role]["tar@0.001"] <= 1.0
+            assert r["final"][role]["genuine_pairs"] == 3 * grid.QUICK_TEST_TREE["num_identities"]
+        assert r["cost"]["cpu_s_per_step"] > 0 and r["cost"]["peak_rss_mb"] > 50
+        assert math.isfinite(r["cost"]["loop_s_per_step"]) and r["ages"]["counts"]
+    summary = json.loads((root / "out" / "learning_quick.json").read_text())
+    assert summary["chosen"]["obsolescence"]["pm"]["lr"] == best
+    assert [row["head"] for row in summary["main"]] == ["pm"] and summary["main"][0]["seeds"] == 3
+    table = (root / "out" / "learning_quick.md").read_text()
+    assert f"| obsolescence | pm | lr {best:g} |" in table
+    for name in ("lr", "steps", "time", "age"):
+        assert (root / "out" / f"learning_quick_{name}.png").stat().st_size > 1000
+
+
+def test_a_second_invocation_runs_nothing_and_one_run_comes_from_the_cli(quick_grid):
+    learning = bench("learning")
+    root, args = quick_grid
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("*.json")}
+    assert learning.main(["run", *args, "--regimes", "obsolescence", "--heads", "pm", "--stages", "tune,seeds"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("*.json")} == before
+
+    one = ["one", *args, "--regime", "obsolescence", "--head", "partial_fc_0.1", "--lr", "0.1",
+           "--head-lr-scale", "10", "--samples-per-class", "1", "--seed", "5", "--points", "1"]
+    assert learning.main(one) == 0
+    new = [r for r in cached(root) if r["key"] + ".json" not in before]
+    assert len(new) == 1 and new[0]["spec"]["setting"] == {
+        "lr": 0.1, "head_lr_scale": 10.0, "samples_per_class": 1, "memory_factor": 1.0, "prototype_grad": True}
+    path = root / "cache" / f"{new[0]['key']}.json"
+    stamp = path.stat().st_mtime_ns
+    assert learning.main(one) == 0 and path.stat().st_mtime_ns == stamp  # served from the cache
+
+
+def test_training_validation_and_test_identities_are_disjoint(quick_grid):
+    grid, run = bench("learning_grid"), bench("learning_run")
+    root, _ = quick_grid
+    data = root / "data"
+    train = run.training_identities(run.dataset_dir(data, grid.QUICK_REGIMES["obsolescence"]))
+    val = run.tree_identities(run.tree_dir(data, "val", True))
+    test = run.tree_identities(run.tree_dir(data, "test", True))
+    assert train == set(range(grid.QUICK_REGIMES["obsolescence"].num_identities))
+    for ids, tree in ((val, grid.QUICK_VAL_TREE), (test, grid.QUICK_TEST_TREE)):  # the tree's own index range
+        assert ids == set(range(tree["first_identity"], tree["first_identity"] + tree["num_identities"]))
+    assert not (train & val) and not (train & test) and not (val & test)
+    run.check_disjoint(train, val, test)
+    with pytest.raises(run.DataError, match="training and test identities overlap"):
+        run.check_disjoint(train, val, test | {3})
+    # the full-size trees lie above every training set of the grid (regimes and identity sweep)
+    largest = max([r.num_identities for r in grid.REGIMES.values()] + list(grid.IDENTITY_SWEEP))
+    spans = sorted((t["first_identity"], t["first_identity"] + t["num_identities"]) for t in (grid.VAL_TREE, grid.TEST_TREE))
+    assert largest <= spans[0][0] and spans[0][1] <= spans[1][0]
+    # enough genuine template pairs that one pair is under 0.1 point
+    assert 100.0 / (grid.TEST_TREE["num_identities"] * math.comb(grid.TEST_TREE["templates_per_identity"], 2)) < 0.1
+
+
+def test_the_cache_key_changes_with_every_setting():
+    grid = bench("learning_grid")
+    base = grid.RunSpec(grid.REGIMES["obsolescence"], "pm", grid.Setting(lr=0.1), seed=1, epochs=16, points=8)
+    keys = {base.key()}
+    changed = {"lr": 0.3, "head_lr_scale": 10.0, "samples_per_class": 4, "memory_factor": 2.0, "prototype_grad": False}
+    for name, value in changed.items():
+        keys.add(dataclasses.replace(base, setting=dataclasses.replace(base.setting, **{name: value})).key())
+    regime_changes = {"name": "other", "num_identities": 1000, "images_per_identity": 8, "degraded_fraction": 0.5,
+                      "long_tail": True, "epochs": 32}
+    for name, value in regime_changes.items():
+        keys.add(dataclasses.replace(base, regime=dataclasses.replace(base.regime, **{name: value})).key())
+    for name, value in {"head": "qapm_norm", "seed": 2, "epochs": 32, "points": 1, "quick": True}.items():
+        keys.add(dataclasses.replace(base, **{name: value}).key())
+    assert len(keys) == 1 + len(changed) + len(regime_changes) + 5
+    assert set(grid.Setting.__dataclass_fields__) == set(changed)  # every field is covered above
+    assert set(grid.Regime.__dataclass_fields__) == set(regime_changes)
+    assert dataclasses.replace(base, stages=("seeds",)).key() == base.key()  # why it runs is not what it is
+    assert grid.spec_from_config(base.config()).key() == base.key()
+
+
+def test_the_lr_search_measures_the_start_points_then_walks_to_a_local_best():
+    grid = bench("learning_grid")
+    truth = {0.001: 0.1, 0.003: 0.2, 0.01: 0.4, 0.03: 0.7, 0.1: 0.5, 0.3: 0.3, 1.0: 0.0, 3.0: 0.0, 10.0: 0.0}
+    measured: dict = {}
+
+    def measure(lr):
+        return {"status": "ok", "final": {"val": {grid.SELECT_METRIC: truth[lr]}}} if lr in measured else None
+
+    rounds = []
+    while True:
+        todo, best = grid.search_lr(measure, grid.LR_START)
+        if not todo:
+            break
+        rounds.append(sorted(todo))
+        measured.update(dict.fromkeys(todo))
+    assert rounds[0] == sorted(grid.LR_START)
+    assert rounds[1:] == [[0.03, 0.3]]  # neighbours of 0.1, the best start point
+    assert best == 0.03 and {0.01, 0.1} <= set(measured)
+    # a diverged run counts as zero
+    assert grid.score({"status": "diverged", "final": None}) == 0.0

@@ -138,3 +138,45 @@ def test_missing_key_is_named():
     backbone, _ = _params()
     with pytest.raises(ValueError, match="'weight_decay'"):
         build_optimizer(edict(optimizer="sgd", lr=0.1), backbone.parameters(), [])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_head_group_gets_lr_times_head_lr_scale(name):
+    backbone, head = _params()
+    cfg = edict(optimizer=name, lr=0.02, weight_decay=5e-4, head_lr_scale=10)
+    opt = build_optimizer(cfg, backbone.parameters(), head.parameters())
+    assert opt.param_groups[0]["params"] == list(backbone.parameters())
+    assert opt.param_groups[1]["params"] == list(head.parameters())
+    assert opt.param_groups[0]["lr"] == 0.02
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.2, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 1])
+def test_head_lr_scale_absent_or_one_gives_equal_lrs(scale):
+    backbone, head = _params()
+    cfg = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}
+    if scale is not None:
+        cfg["head_lr_scale"] = scale
+    opt = build_optimizer(cfg, backbone.parameters(), head.parameters())
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("scale", [0, -1, float("nan"), float("inf"), "x", True])
+def test_bad_head_lr_scale_names_the_key(scale):
+    backbone, head = _params()
+    with pytest.raises(ValueError, match="'head_lr_scale'"):
+        build_optimizer(edict(optimizer="sgd", lr=0.1, weight_decay=0.0, head_lr_scale=scale),
+                        backbone.parameters(), head.parameters())
+
+
+def test_scheduler_keeps_the_head_lr_ratio_at_every_step():
+    backbone, head = _params()
+    opt = build_optimizer(edict(optimizer="sgd", lr=0.1, weight_decay=0.0, head_lr_scale=4.0),
+                          backbone.parameters(), head.parameters())
+    sched = build_lr_scheduler(opt, 5, 30)
+    assert sched.base_lrs == pytest.approx([0.1, 0.4])
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.4])
+    trace = _trace(opt, sched, 30)
+    for t, (a, b) in enumerate(trace):  # warmup (t <= 5), then decay to 0 at t = 30
+        assert a == pytest.approx(closed_form(t, 0.1, 5, 30, 2.0), abs=1e-12)
+        assert b == pytest.approx(4.0 * a, rel=1e-12, abs=1e-15)

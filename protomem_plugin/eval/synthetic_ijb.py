@@ -106,10 +106,14 @@ def make_synthetic_ijb(
     seed: int = 0,
     jpeg_quality: int = 95,
     degraded_fraction: float = 0.2,
+    first_identity: int = 0,
 ) -> SyntheticIJB:
     """Write a synthetic IJB benchmark under ``root`` (``meta/`` and ``loose_crop/``).
 
     ``impostor_pairs``: how many impostor template pairs to sample (all when None).
+    ``first_identity``: the tree shows identities ``first_identity .. first_identity + num_identities - 1``
+    of the generator ``(seed)``, so trees and training sets drawn from one seed can be made disjoint
+    by index range (a training set of ``make_synthetic_dataset`` holds ``0 .. num_identities - 1``).
     """
     from protomem_plugin.data.synthetic import SyntheticFaces
 
@@ -117,17 +121,20 @@ def make_synthetic_ijb(
         raise ValueError("need at least 2 identities with at least 2 templates each")
     if max_media_per_template < 1 or max_images_per_media < 1:
         raise ValueError("max_media_per_template and max_images_per_media must be >= 1")
+    if first_identity < 0:
+        raise ValueError(f"first_identity must be >= 0, got {first_identity}")
+    identities = range(int(first_identity), int(first_identity) + num_identities)
     layout = IJBLayout.of(root, target)
     layout.meta_dir.mkdir(parents=True, exist_ok=True)
     layout.image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0x13B])
-    faces = SyntheticFaces(num_identities, seed=seed, image_size=ALIGNED_SIZE, degraded_fraction=degraded_fraction)
+    faces = SyntheticFaces(identities.stop, seed=seed, image_size=ALIGNED_SIZE, degraded_fraction=degraded_fraction)
     result = SyntheticIJB(layout)
 
     plan: list[tuple[int, int, int]] = []  # (identity, template, media) per image
     templates_of: dict[int, list[int]] = {}
     template_id = media_id = 0
-    for identity in range(num_identities):
+    for identity in identities:
         for _ in range(templates_per_identity):
             template_id += 1
             templates_of.setdefault(identity, []).append(template_id)
@@ -181,6 +188,7 @@ def make_synthetic_ijb(
         "target": layout.target,
         "seed": seed,
         "num_identities": num_identities,
+        "first_identity": identities.start,
         "templates_per_identity": templates_per_identity,
         "num_images": len(result.images),
         "num_genuine_pairs": result.num_genuine,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "margin_scale": 64.0,
     "margin_gradient": "straight_through",
     "lr_power": 2.0,
+    "head_lr_scale": 1.0,         # lr of the head's parameters (class centres) = lr * this; 1.0: arcface_torch
     "clip_grad_norm": 5.0,
     "max_steps": None,            # train this many global steps in all (the LR schedule ends there)
     "stop_at_step": None,         # end this run at this global step, schedule unchanged (resume goes on)
@@ -147,3 +149,13 @@ def check_values(cfg: edict, source: str) -> None:
         raise ConfigError(f"config key 'compute_dtype' in {source} must be 'float32' or 'float64'")
     if cfg.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise ConfigError(f"config key 'optimizer' = {cfg.optimizer!r} in {source}; valid: sgd, adamw")
+    if "head_lr_scale" in cfg:
+        check_head_lr_scale(cfg.head_lr_scale, source)
+
+
+def check_head_lr_scale(value: Any, source: str | None = None) -> float:
+    """``head_lr_scale`` as a float: a positive finite int or float (not a bool), else ConfigError naming the key."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"config key 'head_lr_scale'{where} must be a positive finite number, got {value!r}")
+    return float(value)

@@ -20,6 +20,7 @@ file stays mapped after the return.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -128,13 +129,36 @@ def _opener(output: Path, mmap: bool) -> Callable[[list[int]], list[dict[str, An
     return open_ranks
 
 
+def check_resumed_lrs(optimizer: torch.optim.Optimizer, lr: float, head_lr_scale: float) -> None:
+    """Refuse a resumed optimizer whose base lrs (``initial_lr``) are not ``lr`` and ``lr * head_lr_scale``.
+
+    The checkpoint's groups keep their own lrs, so a changed ``lr`` or ``head_lr_scale`` would be
+    silently ignored. Checked only for two groups whose head group has parameters or an
+    ``initial_lr`` (arcface_torch's checkpoints: equal lrs, i.e. ``head_lr_scale`` 1).
+    """
+    groups = optimizer.param_groups
+    if len(groups) != 2 or not (groups[1]["params"] or "initial_lr" in groups[1]):
+        return
+    backbone_lr, head_lr = groups[0].get("initial_lr"), groups[1].get("initial_lr")
+    if backbone_lr is None or head_lr is None:
+        return
+    hint = "set it back to the checkpoint's value or start a new output folder"
+    if not math.isclose(backbone_lr, lr, rel_tol=1e-9):
+        raise ConfigError(f"config key 'lr' = {lr!r} but the resumed checkpoint was trained with {backbone_lr!r}; {hint}")
+    if not math.isclose(head_lr, backbone_lr * head_lr_scale, rel_tol=1e-9):
+        saved = head_lr / backbone_lr if backbone_lr else math.nan
+        raise ConfigError(f"config key 'head_lr_scale' = {head_lr_scale!r} but the resumed checkpoint was trained "
+                          f"with {saved!r}; {hint}")
+
+
 def load_resume_state(output: str, runtime: Runtime, backbone: nn.Module, head: nn.Module,
                       optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any, *,
-                      mmap: bool = True) -> dict[str, Any]:
+                      mmap: bool = True, lrs: tuple[float, float] | None = None) -> dict[str, Any]:
     """Load the checkpoint(s) into the modules; return epoch, global_step and the extra state.
 
     ``mmap=False`` reads every file it needs whole (as resuming did before memory-mapping; for file
-    systems where mapping is slow or unavailable); the loaded state is the same.
+    systems where mapping is slow or unavailable); the loaded state is the same. ``lrs = (lr,
+    head_lr_scale)`` of the config: refuse a checkpoint trained with others (:func:`check_resumed_lrs`).
     """
     out = Path(output)
     old_world = _old_world_size(out)
@@ -158,6 +182,8 @@ def load_resume_state(output: str, runtime: Runtime, backbone: nn.Module, head: 
     state = open_ranks([source])[0]
     backbone.load_state_dict(_module_state(state["state_dict_backbone"]))
     scheduler.load_state_dict(_owned(state["state_lr_scheduler"]))
+    if lrs is not None:
+        check_resumed_lrs(optimizer, *lrs)
     extra = _owned(dict(state.get("protomem", {})))
     epoch, global_step = int(state["epoch"]), int(state["global_step"])
     del state

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from .config import check_head_lr_scale
+
 SGD_MOMENTUM = 0.9
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -47,23 +49,29 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     return LambdaLR(optimizer, WarmupPolynomialFactor(warmup_steps, total_steps, float(power)))
 
 
-def _cfg_value(cfg: Any, key: str) -> Any:
+_MISSING = object()
+
+
+def _cfg_value(cfg: Any, key: str, default: Any = _MISSING) -> Any:
     try:
         return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
     except (KeyError, AttributeError):
+        if default is not _MISSING:
+            return default
         raise ValueError(f"config key {key!r} is missing (needed to build the optimizer)") from None
 
 
 def build_optimizer(cfg: Any, params_backbone: Iterable[torch.nn.Parameter],
                     params_head: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """Optimizer from ``cfg.optimizer`` (``"sgd"``: momentum 0.9, or ``"adamw"``), ``cfg.lr`` and
-    ``cfg.weight_decay``. Two parameter groups as in arcface_torch: 0 = backbone, 1 = head (the head
-    group may be empty: memory heads have no parameters).
+    ``cfg.weight_decay``. Two parameter groups as in arcface_torch: 0 = backbone at ``lr``, 1 = head at
+    ``lr * cfg.head_lr_scale`` (the head group may be empty: memory heads have no parameters).
     """
     name = _cfg_value(cfg, "optimizer")
     lr = float(_cfg_value(cfg, "lr"))
     weight_decay = float(_cfg_value(cfg, "weight_decay"))
-    groups = [{"params": list(params_backbone)}, {"params": list(params_head)}]
+    head_lr = lr * check_head_lr_scale(_cfg_value(cfg, "head_lr_scale", 1.0))
+    groups = [{"params": list(params_backbone)}, {"params": list(params_head), "lr": head_lr}]
     if not groups[0]["params"]:
         raise ValueError("params_backbone is empty: nothing to optimize")
     if name == "sgd":

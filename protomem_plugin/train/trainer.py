@@ -194,7 +194,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
 
     start_epoch, global_step, nonfinite_total, resumed_mid_epoch = 0, 0, 0, False
     if cfg.resume:
-        state = load_resume_state(cfg.output, runtime, backbone, head, optimizer, scheduler, loader)
+        state = load_resume_state(cfg.output, runtime, backbone, head, optimizer, scheduler, loader,
+                                  lrs=(cfg.lr, cfg.get("head_lr_scale", 1.0)))
         start_epoch, global_step = state["epoch"], state["global_step"]
         resumed_mid_epoch = loader.epoch == start_epoch and loader.state_dict()["position"] > 0
         nonfinite_total = int(state.get("nonfinite_total", 0))

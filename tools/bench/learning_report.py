@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,10 @@ def write_summary(planner: grid.Planner, out: Path, stem: str) -> dict:
     pending = planner.plan()
     report["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads_per_run": 1}
     report["runs_cached"] = len(planner.cache)
+    # runs cached before revisions were recorded came from 4a36f7b
+    revisions = Counter(result.get("revision", "4a36f7b") for result in planner.cache.values())
+    report["revisions"] = dict(revisions)
+    table += "\nRuns by code revision: " + ", ".join(f"{k} ({v})" for k, v in sorted(revisions.items())) + "\n"
     report["runs_ready_next"] = len(pending)
     report["plots"] = plot(planner, report, out, stem)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")

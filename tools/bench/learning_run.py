@@ -218,6 +218,16 @@ def age_histogram(output: Path) -> dict:
             "bins": AGE_BINS[:-1].tolist(), "counts": counts.tolist()}
 
 
+def code_revision() -> str:
+    """The commit the run's code comes from, ``+modified`` if the library or benchmark differ from it."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    return head + ("+modified" if git("status", "--porcelain", "--", "protomem_plugin", "tools/bench/learning*.py") else "")
+
+
 def run_one(spec: RunSpec, data_root: Path) -> dict:
     """Train and evaluate ``spec`` (its data must be prepared); returns the result to cache."""
     rec = dataset_dir(data_root, spec.regime)
@@ -246,6 +256,7 @@ def run_one(spec: RunSpec, data_root: Path) -> dict:
             raise RuntimeError(f"{spec.label()}: expected {total} steps, the training log ends at {logged[-1]}")
     result = {
         "key": spec.key(), "spec": spec.config(), "label": spec.label(), "status": status, "steps": total,
+        "revision": code_revision(),
         "curve": curve, "final": curve[-1] if status == "ok" else None,
         "cost": {**cost, "cpu_s_per_step": cost["cpu_s"] / max(done_steps, 1),
                  "wall_s_per_step": cost["wall_s"] / max(done_steps, 1),

@@ -6,6 +6,12 @@ normalised as ``(x/255 - 0.5)/0.5``; insightface then feeds it with mean = std =
 swaps BGR -> RGB itself, so ``ArcFaceONNX.get_feat(bgr_image)`` equals the PyTorch model on the
 RGB image.
 
+ONNX has no adaptive average pool whose output size does not divide its input size (``tiny``
+pools its 7x7 map at 112x112 to 4x4): for the export such a pool is replaced by the same average
+written as two constant matrix products for the contract's fixed input size (exact, checked by
+the onnxruntime parity). An operator the exporter cannot convert raises :class:`OnnxContractError`
+naming the network.
+
 Models whose graph exceeds protobuf's 2 GiB limit (``r2060``, ``vit_h``) are written in ONNX's
 external data format: the graph in ``<name>.onnx`` and the weights in one side file
 ``<name>.onnx.data`` next to it, which onnxruntime and insightface read from the same folder.
@@ -26,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .cli_errors import add_cli_arguments, cli_entry
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
@@ -68,6 +76,69 @@ def _float32_cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
             model.fp16 = fp16
 
 
+def _pool_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) averaging matrix of adaptive pooling along one axis (PyTorch's bins)."""
+    matrix = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class _FixedSizeAdaptiveAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d`` for one input size, as ``rows @ x @ cols`` (exportable to ONNX)."""
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _pool_matrix(size_in[0], size_out[0]), persistent=False)
+        self.register_buffer("cols", _pool_matrix(size_in[1], size_out[1]).t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+@contextlib.contextmanager
+def _exportable_pools(model: nn.Module, image_size: int) -> Iterator[nn.Module]:
+    """``model`` with every adaptive average pool whose output size does not divide its input
+    size (at ``image_size`` input) replaced by :class:`_FixedSizeAdaptiveAvgPool2d`; restored after."""
+    pools = {name: m for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
+    if not pools:
+        yield model
+        return
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in pools.items()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swapped = []
+    for name, pool in pools.items():
+        size_in = sizes.get(name)
+        if size_in is None:
+            continue
+        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size, pool.output_size)
+        size_out = tuple(i if o is None else int(o) for i, o in zip(size_in, out))
+        if all(i % o == 0 for i, o in zip(size_in, size_out)):
+            continue  # the exporter handles it
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, _FixedSizeAdaptiveAvgPool2d(size_in, size_out))
+        swapped.append((parent, attr, pool))
+    try:
+        yield model
+    finally:
+        for parent, attr, pool in swapped:
+            setattr(parent, attr, pool)
+
+
 def export_onnx(
     model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, image_size: int = IMAGE_SIZE,
     external_data: bool | None = None,
@@ -86,22 +157,28 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     dummy = torch.zeros(1, 3, image_size, image_size)
-    with _float32_cpu_eval(model) as ready, tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+    with _float32_cpu_eval(model) as ready, _exportable_pools(ready, image_size) as ready, \
+            tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / path.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # given a file name, the exporter writes one file per tensor beside it above 2 GiB
-            torch.onnx.export(
-                ready,
-                (dummy,),
-                str(staged),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    ready,
+                    (dummy,),
+                    str(staged),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            except torch.onnx.errors.OnnxExporterError as err:
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise OnnxContractError(
+                    f"{type(model).__name__} cannot be exported to ONNX (opset {opset}): {first_line}") from None
         too_large = any(p != staged for p in Path(tmp).iterdir())
         if too_large and external_data is False:
             raise OnnxContractError(f"{path}: the graph exceeds protobuf's 2 GiB limit; export with external data")
@@ -181,16 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", required=True, help="backbone name, e.g. r50, r100, mbf")
     parser.add_argument("--weights", required=True, help="backbone state_dict (arcface_torch output/model.pt)")
     parser.add_argument("--output", required=True, help="ONNX file to write")
-    parser.add_argument("--num-features", type=int, default=512, help="embedding size (default 512)")
+    parser.add_argument("--num-features", type=int, default=None,
+                        help="embedding size (default: read from the weights); must match the weights")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     return parser
 
 
+@cli_entry("protomem-export")
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``protomem-export``."""
-    args = build_parser().parse_args(argv)
+    args = add_cli_arguments(build_parser()).parse_args(argv)
     from protomem_plugin.eval.embedders import load_backbone
 
+    if args.opset < 9:
+        raise ValueError(f"--opset must be >= 9, got {args.opset}")
     model = load_backbone(args.network, args.weights, args.num_features)
     path = export_onnx(model, args.output, opset=args.opset)
     parity = onnxruntime_parity(model, path)

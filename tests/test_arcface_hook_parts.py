@@ -109,3 +109,10 @@ def test_wrong_value_types_are_refused(tmp_path):
     job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.memory_size = 'many'\n")
     with pytest.raises(ConfigError, match="memory_size"):
         load_hook_config(STANDIN, job)
+
+
+def test_resume_auto_is_refused_by_the_hook_naming_the_key(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.resume = 'auto'\n")
+    with pytest.raises(ConfigError, match=r"config key 'resume' = 'auto' .*train_v2 takes True or False"):
+        load_hook_config(STANDIN, job)

@@ -11,11 +11,14 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from protomem_plugin.cli_errors import add_cli_arguments, cli_entry  # noqa: E402
 from protomem_plugin.data.synthetic import make_synthetic_dataset  # noqa: E402
 
 
+@cli_entry("make_synthetic.py")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="make_synthetic.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--identities", type=int, default=1000, help="training identities")
     parser.add_argument("--images-per-identity", type=int, default=20, help="images per identity (mean if --long-tail)")
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-folders", action="store_true", help="also write images/<identity>/<n>.jpg")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
     parser.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count)")
-    args = parser.parse_args(argv)
+    args = add_cli_arguments(parser).parse_args(argv)
     out = make_synthetic_dataset(
         args.out_dir,
         args.identities,

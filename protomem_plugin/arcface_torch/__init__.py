@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_errors import add_cli_arguments, is_user_error, report_error
 from .compat import apply_cpu_fallback, fix_scheduler_verbose, note, set_single_process_env
 from .config import head_needs_groups, load_hook_config, resolve_config_path, unused_keys
 from .head import install_head
@@ -94,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
                                        "or relative to the checkout (configs/x.py)")
     parser.add_argument("--resume", action="store_true",
                         help="set config.resume = True: continue from output/checkpoint_gpu_{rank}.pt (epoch boundary)")
-    args, rest = parser.parse_known_args(argv)
-    cfg = install(args.checkout, args.config)
+    args, rest = add_cli_arguments(parser).parse_known_args(argv)
+    try:
+        cfg = install(args.checkout, args.config)
+    except Exception as exc:  # noqa: BLE001 - bad input before train_v2 runs is one line (cli_errors' rule)
+        if not is_user_error(exc):
+            raise
+        raise SystemExit(report_error(parser.prog, exc, args.verbose)) from None
     if args.resume:
         cfg.resume = True
     script = str(Path(args.checkout).resolve() / TRAIN_SCRIPT)

@@ -89,6 +89,9 @@ def load_hook_config(checkout: Path, config_path: Path) -> edict:
     if cfg.get("doppelganger_mining"):
         raise ConfigError(f"config key 'doppelganger_mining' in {source} needs protomem-train: train_v2 cannot refresh "
                           "the neighbour table from the head; run `protomem-train` with this config instead")
+    if cfg.get("resume") not in (True, False, None, 0, 1):
+        raise ConfigError(f"config key 'resume' = {cfg.resume!r} in {source}: arcface_torch's train_v2 takes True or "
+                          "False ('auto' is protomem-train's: run `protomem-train` with this config for it)")
     if head_needs_groups(cfg):
         cfg.setdefault("samples_per_class", PLUGIN_DEFAULTS["samples_per_class"])
     check_values(cfg, source)

@@ -97,6 +97,8 @@ def load_bin_encoded(path: str) -> tuple[list[bytes], np.ndarray]:
         flags.append(bool(value))
     if len(bins) != 2 * len(flags):
         raise ValueError(f"{path}: {len(bins)} images for {len(flags)} pairs (expected {2 * len(flags)})")
+    if not flags:
+        raise ValueError(f"{path}: the set holds no pairs (issame_list is empty)")
     return [_as_bytes(item, path, i) for i, item in enumerate(bins)], np.asarray(flags, dtype=bool)
 
 

@@ -4,8 +4,10 @@
 :class:`GroupedBatchSampler`, their labels, the flip decisions and, with ``dali_aug``, each image's
 augmentation decisions and parameters; ``fn.decoders.image`` decodes on the GPU
 (``device="mixed"``) when the loader's device is CUDA and on the CPU otherwise (``device_id=None``,
-no GPU needed). Then a resize when the stored size differs from ``image_size``, the optional
-``dali_aug`` augmentations, and ``fn.crop_mirror_normalize`` to float NCHW ``(x/255-0.5)/0.5``.
+no GPU needed). Then, as in the PyTorch loader, every image whose stored size differs from
+``image_size`` is resized (bilinear; the size is read from the encoded header with
+``fn.peek_image_shape``, images of the right size pass untouched), the optional ``dali_aug``
+augmentations, and ``fn.crop_mirror_normalize`` to float NCHW ``(x/255-0.5)/0.5``.
 The external source runs in the loader's thread: reading a record is a copy out of the
 memory-mapped .rec, far cheaper than decoding it.
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .loader import TrainLoader, host_to_device
-from .recordio import InsightFaceRec, check_image_payload
+from .recordio import InsightFaceRec, RecordIOError, check_image_payload
 from .sampler import GroupedBatchSampler
 
 __all__ = ["DaliAugmentation", "DaliTrainLoader", "build_dali_pipeline"]
@@ -91,7 +93,7 @@ class _BatchFeed:
         self.rec = rec
         self.batches = np.zeros((0, 0), dtype=np.int64)
         self.per_image: tuple[np.ndarray, ...] = ()
-        self.next = 0
+        self.next = 0  # batches handed to DALI so far (it prefetches ahead of what it outputs)
 
     def start(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray) -> None:
         """``flips`` and each of ``augment`` (len(batches), batch_size): one value per image."""
@@ -143,7 +145,6 @@ def build_dali_pipeline(
     *,
     batch_size: int,
     image_size: int,
-    stored_size: tuple[int, int] | None,
     device_id: int | None,
     num_threads: int,
     prefetch: int,
@@ -161,7 +162,7 @@ def build_dali_pipeline(
     drawn = {} if augmentation is None else augmentation.draws(np.zeros((1, augmentation.NUM_UNIFORMS)), image_size)
     drawn_types = [types.BOOL if values.dtype == bool else types.FLOAT for values in drawn.values()]
 
-    @pipeline_def(enable_conditionals=augmentation is not None)
+    @pipeline_def(enable_conditionals=True)
     def pipeline():
         encoded, labels, flips, *draws = fn.external_source(
             source=feed,
@@ -171,7 +172,8 @@ def build_dali_pipeline(
             ndim=[1, 0, 0] + [0] * len(drawn),
         )
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        if stored_size != (image_size, image_size):
+        stored = fn.peek_image_shape(encoded)
+        if (stored[0] != image_size) | (stored[1] != image_size):  # per image, like the PyTorch loader
             images = fn.resize(images, size=[image_size, image_size])
         if augmentation is not None:
             images = _augment(images, dict(zip(drawn, draws)), image_size)
@@ -220,12 +222,12 @@ class DaliTrainLoader(TrainLoader):
             raise ValueError(f"DALI loader supports cpu and cuda devices, got {self.device}")
         augmentation = dali_aug if isinstance(dali_aug, DaliAugmentation) else (DaliAugmentation() if dali_aug else None)
         self.augmentation = augmentation
+        self._failure: RecordIOError | None = None
         self._feed = _BatchFeed(rec)
         self.pipeline = build_dali_pipeline(
             self._feed,
             batch_size=sampler.batch_size,
             image_size=self.image_size,
-            stored_size=rec.image_size,
             device_id=device_id,
             num_threads=num_threads or max(1, os.cpu_count() or 1),
             prefetch=prefetch,
@@ -273,9 +275,31 @@ class DaliTrainLoader(TrainLoader):
     def _iterate(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
+        if self._failure is not None:
+            raise self._failure
         self._feed.start(batches, flips, *augment)
         self._started = True
-        for _ in range(len(batches)):
-            images, labels = self.pipeline.run()
+        for index in range(len(batches)):
+            try:
+                images, labels = self.pipeline.run()
+            except Exception as err:  # DALI's own errors name no record; find it (the pipeline is unusable now)
+                self._started = False
+                self._failure = self._name_failure(batches[index:self._feed.next], err)
+                raise self._failure from err
             yield self._to_torch(images, torch.float32), host_to_device(self._to_torch(labels, torch.int64), self.device)
         self._finish_epoch()
+
+    def _name_failure(self, suspects: np.ndarray, err: Exception) -> RecordIOError:
+        """A RecordIOError naming the first record of ``suspects`` (the batches DALI had been given but
+        not delivered) that OpenCV cannot decode either, else the keys of the batch that failed."""
+        import cv2
+
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        for position in np.asarray(suspects).reshape(-1):
+            key = int(self.rec.image_keys[position])
+            data = self.rec.read_image_bytes(key)
+            if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+                return RecordIOError(f"{self.rec.where(key)}: payload of {len(data)} bytes is not a decodable "
+                                     f"image (DALI: {first_line})")
+        keys = self.rec.image_keys[np.asarray(suspects[:1]).reshape(-1)]
+        return RecordIOError(f"{self.rec.rec_path}: DALI failed on the batch of keys {keys.tolist()}: {first_line}")

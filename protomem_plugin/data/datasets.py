@@ -7,6 +7,7 @@ normalises on the target device. Workers only call OpenCV's ``imdecode`` (single
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import cv2
@@ -46,6 +47,12 @@ class RecImageDataset(Dataset):
             bgr = cv2.resize(bgr, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
         rgb = bgr[:, ::-1, ::-1] if flip else bgr[:, :, ::-1]  # BGR->RGB by slicing: no OpenCV thread pool
         return np.ascontiguousarray(rgb), int(self.rec.labels[position])
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the training process (torchrun and Slurm signal the whole
+    process group; the trainer checkpoints and stops, and the workers end with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +109,7 @@ class TorchTrainLoader(TrainLoader):
             batch_sampler=self._plan,
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=_ignore_sigterm,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,

@@ -36,6 +36,7 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)
+_FLOAT32_EXACT = 1 << 24  # every integer up to here is exact in float32 (IRHeader labels are float32)
 
 __all__ = [
     "MAGIC",
@@ -172,24 +173,60 @@ class RecordIOWriter:
         self.close()
 
 
+_IDX_CHUNK = 1 << 24  # bytes of .idx text parsed at a time
+_IDX_BYTE_CLASS = np.full(256, 3, dtype=np.uint8)  # 0 digit or sign, 1 blank, 2 newline, 3 anything else
+_IDX_BYTE_CLASS[np.frombuffer(b"0123456789-", dtype=np.uint8)] = 0
+_IDX_BYTE_CLASS[np.frombuffer(b"\t\r ", dtype=np.uint8)] = 1
+_IDX_BYTE_CLASS[10] = 2
+
+
+def _bad_idx_line(chunk: bytes, idx_path: str, first_line: int) -> RecordIOError | None:
+    """The error for the first line of ``chunk`` that is not ``key<whitespace>offset`` (None if all are)."""
+    kind = _IDX_BYTE_CLASS[np.frombuffer(chunk, dtype=np.uint8)]
+    newline = kind == 2
+    token = kind == 0
+    starts = np.flatnonzero(token & ~np.r_[False, token[:-1]])  # where each number begins
+    breaks = np.flatnonzero(newline)
+    per_line = np.bincount(np.searchsorted(breaks, starts), minlength=len(breaks) + 1)
+    bad = [int(i) for i in (np.flatnonzero((per_line != 0) & (per_line != 2))[:1])]
+    other = np.flatnonzero(kind == 3)[:1]
+    if other.size:
+        bad.append(int(np.searchsorted(breaks, other[0])))
+    if not bad:
+        return None
+    line = min(bad)
+    text = chunk.split(b"\n")[line].decode("utf-8", "replace").strip()
+    return RecordIOError(f"{idx_path}:{first_line + line}: expected 'key<TAB>offset', got {text!r}")
+
+
 def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse an ``.idx`` file into (keys, offsets) int64 arrays, in file order."""
+    """Parse an ``.idx`` file into (keys, offsets) int64 arrays, in file order.
+
+    Streams the file in chunks of 16 MiB, parsed by numpy: memory is the two arrays plus one chunk,
+    not a Python object per line. A malformed line raises :class:`RecordIOError` naming its number.
+    """
     keys, offsets = [], []
-    with open(idx_path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                fields = line.split()
-            try:
-                key, offset = int(fields[0]), int(fields[1])
-            except (ValueError, IndexError):
-                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line!r}") from None
-            keys.append(key)
-            offsets.append(offset)
-    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    line = 1
+    with open(idx_path, "rb") as f:
+        tail = b""
+        while True:
+            block = f.read(_IDX_CHUNK)
+            data = tail + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            chunk, tail = data[:cut], data[cut:]
+            if chunk.strip():
+                error = _bad_idx_line(chunk, idx_path, line)
+                if error is not None:
+                    raise error
+                values = np.fromstring(chunk.decode("ascii"), dtype=np.int64, sep=" ")
+                keys.append(values[0::2])
+                offsets.append(values[1::2])
+            line += chunk.count(b"\n")
+            if not block:
+                break
+    if not keys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(keys), np.concatenate(offsets)
 
 
 def scan_record_offsets(rec_path: str) -> np.ndarray:
@@ -246,6 +283,11 @@ class IndexedRecordIO:
         self._size = os.path.getsize(self.rec_path)
         if os.path.isfile(self.idx_path):
             keys, offsets = read_index(self.idx_path)
+            if len(keys) == 0 and self._size > 0:
+                raise RecordIOError(
+                    f"{self.idx_path} lists no records but {self.rec_path} holds {self._size} bytes: the index is "
+                    "empty or truncated (delete it to rebuild it by scanning the .rec)"
+                )
         elif rebuild_missing_index:
             warnings.warn(f"{self.idx_path} is missing; rebuilding the index by scanning {self.rec_path}")
             offsets = scan_record_offsets(self.rec_path)
@@ -449,7 +491,11 @@ class InsightFaceRec:
     ``num_classes`` (from ``property``, else ``max(label)+1``), ``image_size`` ((H, W) from
     ``property`` or None), ``identity_ranges`` ((C, 2) int64 image-key ranges ``[start, end)``
     from the identity records, or None for headerless datasets) and ``has_header``.
-    Labels are read once, vectorised, and checked against the class count.
+
+    Labels come from the identity records when the dataset has them (no image header is read
+    besides a spot check of up to 1,024 evenly spread images), else from every image header, read
+    once in blocks and cached beside the ``.rec`` (:mod:`label_cache`); ``label_source`` says which.
+    The identity records must tile the image keys in order; labels must fit the class count.
     """
 
     def __init__(self, root_dir: str, *, rec_name: str = "train"):
@@ -481,14 +527,21 @@ class InsightFaceRec:
         missing = self.image_keys[self.record_io._rows(self.image_keys) < 0]
         if missing.size:
             raise RecordIOError(f"{idx_path}: image key {int(missing[0])} announced by the header is not indexed")
-
-        _, raw = self.record_io.read_headers(self.image_keys)
-        labels = raw.astype(np.int64)
-        bad = np.flatnonzero((labels != raw) | (labels < 0))
-        if bad.size:
-            i = int(bad[0])
-            raise RecordIOError(f"{rec_path}: key {int(self.image_keys[i])} has invalid label {float(raw[i])}")
-        self.labels = labels
+        if len(self.image_keys) == 0:
+            raise RecordIOError(f"{rec_path}: the dataset holds no images ({len(self.record_io)} records indexed in {idx_path})")
+        self.label_source = "image headers"
+        if self.identity_ranges is not None:
+            self._check_identity_tiling()
+            if int(self.image_keys[-1]) < _FLOAT32_EXACT:
+                self.labels = np.repeat(np.arange(len(self.identity_ranges), dtype=np.int64),
+                                        self.identity_ranges[:, 1] - self.identity_ranges[:, 0])
+                self.label_source = "identity records"
+                self._spot_check_labels()
+            else:  # float32 key ranges are rounded beyond 2**24: their sizes are not exact
+                self.labels = self._labels_from_headers(rec_name)
+        else:
+            self.labels = self._labels_from_headers(rec_name)
+        labels = self.labels
         if prop:
             self.num_classes = prop[0]
             bad = np.flatnonzero(labels >= self.num_classes)
@@ -499,16 +552,88 @@ class InsightFaceRec:
                     f"{self.num_classes} classes declared in {prop_path}"
                 )
         else:
-            self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+            self.num_classes = int(labels.max()) + 1
 
     def _read_identity_ranges(self, first_id: int, end_id: int) -> np.ndarray:
-        ranges = np.zeros((end_id - first_id, 2), dtype=np.int64)
-        for row, key in enumerate(range(first_id, end_id)):
-            header, _ = self.record_io._unpack(key)
+        """(C, 2) key ranges of the identity records ``first_id .. end_id - 1``, read vectorised."""
+        io = self.record_io
+        keys = np.arange(first_id, end_id, dtype=np.int64)
+        rows = io._rows(keys)
+        absent = np.flatnonzero(rows < 0)
+        if absent.size:
+            raise RecordIOError(f"{io.idx_path}: identity record key {int(keys[absent[0]])} announced by the header is not indexed")
+        ranges = np.zeros((len(keys), 2), dtype=np.int64)
+        fast = io._whole[rows] & (io._lengths[rows] >= _IR_SIZE + 8)
+        if fast.any():
+            raw = _gather(np.frombuffer(io._map(), dtype=np.uint8), io._offsets[rows[fast]] + 8, _IR_SIZE + 8)
+            flags = raw[:, 0:4].copy().view("<u4")[:, 0]
+            bounds = raw[:, _IR_SIZE:_IR_SIZE + 8].copy().view("<f4")
+            short = np.flatnonzero(flags < 2)
+            if short.size:
+                key = int(keys[np.flatnonzero(fast)[short[0]]])
+                raise RecordIOError(f"{io.rec_path}: identity record key {key} has no key range label")
+            ranges[fast] = bounds.astype(np.int64)
+        for row in np.flatnonzero(~fast):
+            header, _ = io._unpack(int(keys[row]))
             if header.flag < 2:
-                raise RecordIOError(f"{self.record_io.rec_path}: identity record key {key} has no key range label")
+                raise RecordIOError(f"{io.rec_path}: identity record key {int(keys[row])} has no key range label")
             ranges[row] = int(header.label[0]), int(header.label[1])
         return ranges
+
+    def _labels_from_headers(self, rec_name: str) -> np.ndarray:
+        """Labels read from every image header, cached beside the .rec (see :mod:`label_cache`)."""
+        from .label_cache import cached_labels
+
+        return cached_labels(self, rec_name, self._read_header_labels)
+
+    def _read_header_labels(self) -> np.ndarray:
+        """Every image's label from its record header, in blocks (bounded temporaries)."""
+        labels = np.empty(len(self.image_keys), dtype=np.int64)
+        block = 1 << 20
+        for lo in range(0, len(labels), block):
+            keys = self.image_keys[lo:lo + block]
+            _, raw = self.record_io.read_headers(keys)
+            values = raw.astype(np.int64)
+            bad = np.flatnonzero((values != raw) | (values < 0))
+            if bad.size:
+                i = int(bad[0])
+                raise RecordIOError(f"{self.rec_path}: key {int(keys[i])} has invalid label {float(raw[i])}")
+            labels[lo:lo + len(keys)] = values
+        return labels
+
+    def _spot_check_labels(self, samples: int = 1024) -> None:
+        """Compare the labels of up to ``samples`` evenly spread image headers with the identity ranges."""
+        positions = np.unique(np.linspace(0, len(self.image_keys) - 1, min(samples, len(self.image_keys))).astype(np.int64))
+        _, raw = self.record_io.read_headers(self.image_keys[positions])
+        bad = np.flatnonzero(raw != self.labels[positions])
+        if bad.size:
+            i = int(positions[bad[0]])
+            first_id = int(self.image_keys[-1]) + 1
+            raise RecordIOError(
+                f"{self.rec_path}: image key {int(self.image_keys[i])} has label {float(raw[bad[0]]):g} but lies in the "
+                f"range of identity {int(self.labels[i])} (identity record key {first_id + int(self.labels[i])})"
+            )
+
+    def _check_identity_tiling(self) -> None:
+        """The identity records tile the image keys ``1..N`` in order (no gap, no overlap, none inverted)."""
+        ranges, rec = self.identity_ranges, self.rec_path
+        first_id = int(self.image_keys[-1]) + 1
+        where = f"{rec}: header record (key 0) says images end at key {first_id - 1}"
+        if len(ranges) == 0:
+            raise RecordIOError(f"{where} but announces no identity records")
+        starts, ends = ranges[:, 0], ranges[:, 1]
+        bad = np.flatnonzero(ends < starts)
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(f"{rec}: identity record key {first_id + i} has the inverted range {int(starts[i])}..{int(ends[i])}")
+        gaps = np.flatnonzero(starts[1:] != ends[:-1])
+        if starts[0] != 1 or ends[-1] != first_id or gaps.size:
+            i = int(gaps[0]) + 1 if gaps.size else (0 if starts[0] != 1 else len(ranges) - 1)
+            raise RecordIOError(
+                f"{where}, but identity record key {first_id + i} holds the range {int(starts[i])}..{int(ends[i])}: "
+                "the identity records do not tile keys 1.."
+                f"{first_id - 1} in order (is the header's first identity-record key off by one?)"
+            )
 
     def __len__(self) -> int:
         return len(self.image_keys)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .binsets import write_bin
-from .packing import write_insightface_rec
+from .packing import staged_dataset_dir, write_insightface_rec
 
 __all__ = ["ARCFACE_TEMPLATE", "SyntheticSample", "SyntheticFaces", "make_synthetic_dataset", "identity_image_counts"]
 
@@ -504,34 +503,82 @@ def make_synthetic_dataset(
     not depend on it.
     A complete dataset made with the same parameters is reused as it is; a different or partial
     one raises FileExistsError unless ``overwrite=True``.
+
+    Every parameter is checked first (ValueError naming it). The dataset is rendered into a
+    temporary sibling folder and swapped into ``out_dir`` only when complete, so a failed or
+    interrupted run leaves an existing dataset as it was (see
+    :func:`~protomem_plugin.data.packing.staged_dataset_dir`); other files in ``out_dir`` are kept.
     """
+    _check_parameters(num_identities=num_identities, images_per_identity=images_per_identity,
+                      val_identities=val_identities, val_pairs=val_pairs, image_size=image_size,
+                      degraded_fraction=degraded_fraction, seed=seed, num_workers=num_workers)
     params = dict(
         num_identities=int(num_identities), images_per_identity=int(images_per_identity),
         val_identities=int(val_identities), val_pairs=int(val_pairs), image_size=int(image_size),
         degraded_fraction=float(degraded_fraction), long_tail=bool(long_tail), seed=int(seed),
         write_folders=bool(write_folders), version=1,
     )
-    if val_pairs % 2 or (val_pairs and val_identities < 2):
-        raise ValueError("val_pairs must be even and needs at least 2 val_identities")
-    meta_path = os.path.join(out_dir, _META)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            existing = json.load(f).get("params")
-        complete = all(os.path.exists(os.path.join(out_dir, n)) for n in _OUTPUTS)
-        if existing == params and complete and not overwrite:
-            return out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    if _existing_params(out_dir) == params and not overwrite:
+        return out_dir
     present = [n for n in _OUTPUTS + ("images",) if os.path.exists(os.path.join(out_dir, n))]
-    if present:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already holds {', '.join(present)} made with other parameters or incomplete; "
-                "pass overwrite=True to replace it"
-            )
-        for name in present:
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {', '.join(present)} made with other parameters or incomplete; "
+            "pass overwrite=True (--overwrite) to replace it"
+        )
+    with staged_dataset_dir(out_dir, replaced=_OUTPUTS + ("images",)) as stage:
+        _write_dataset(stage, params, progress=progress, num_workers=num_workers)
+    return out_dir
 
+
+def _check_parameters(**values) -> None:
+    """Raise ValueError naming the first parameter of :func:`make_synthetic_dataset` that cannot work."""
+    def integer(name: str, minimum: int) -> int:
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        return int(value)
+
+    integer("num_identities", 1)
+    integer("images_per_identity", 1)
+    val_pairs = integer("val_pairs", 0)
+    val_identities = integer("val_identities", 0)
+    if val_pairs % 2:
+        raise ValueError(f"val_pairs must be even (half genuine, half impostor), got {val_pairs}")
+    if val_pairs and val_identities < 2:
+        raise ValueError(f"val_identities must be >= 2 when val_pairs > 0, got {val_identities}")
+    integer("image_size", 16)
+    integer("seed", 0)
+    if values["num_workers"] is not None:
+        integer("num_workers", 1)
+    fraction = values["degraded_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"degraded_fraction must be a number in [0, 1], got {fraction!r}")
+
+
+def _existing_params(out_dir: str) -> dict | None:
+    """The parameters of a complete synthetic dataset in ``out_dir``, else None."""
+    if not all(os.path.exists(os.path.join(out_dir, n)) for n in _OUTPUTS):
+        return None
+    try:
+        with open(os.path.join(out_dir, _META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta.get("params") if isinstance(meta, dict) else None
+
+
+def _write_dataset(out_dir: str, params: dict, *, progress: bool, num_workers: int | None) -> None:
+    """Render and write every file of a synthetic dataset into the (empty) folder ``out_dir``."""
+    num_identities, images_per_identity = params["num_identities"], params["images_per_identity"]
+    val_identities, val_pairs = params["val_identities"], params["val_pairs"]
+    image_size, degraded_fraction, seed = params["image_size"], params["degraded_fraction"], params["seed"]
+    long_tail, write_folders = params["long_tail"], params["write_folders"]
+    meta_path = os.path.join(out_dir, _META)
     gen = SyntheticFaces(num_identities + val_identities, seed=seed, image_size=image_size,
                          degraded_fraction=degraded_fraction)
     counts = identity_image_counts(num_identities, images_per_identity, long_tail=long_tail, seed=seed)
@@ -574,4 +621,3 @@ def make_synthetic_dataset(
     with open(meta_path, "w") as f:
         json.dump({"params": params, "num_images": int(counts.sum()),
                    "images_per_identity": counts.tolist()}, f)
-    return out_dir

@@ -40,28 +40,87 @@ class TorchEmbedder:
         return self.model(x).float().cpu().numpy()
 
 
-def load_backbone(network: str, weights: str | Path, num_features: int = 512) -> nn.Module:
-    """Build ``network`` with ``protomem_plugin.backbones.get_model`` and load a plain state_dict.
+_SENTINEL_FEATURES = 1009  # a prime no backbone uses as a channel count
 
-    Accepts arcface_torch's ``model.pt`` (a backbone state_dict); a ``module.`` prefix from a DDP
-    checkpoint is stripped.
+
+def _feature_sized_entries(network: str) -> dict[str, int]:
+    """``{state_dict key: axis}`` of the ``network`` tensors whose size is ``num_features``.
+
+    Found by building the network on the meta device (no memory, no initialisation cost) with a
+    sentinel embedding size and looking for it in the shapes.
     """
     from protomem_plugin.backbones import get_model
 
+    with torch.device("meta"):
+        state = get_model(network, num_features=_SENTINEL_FEATURES).state_dict()
+    return {key: list(t.shape).index(_SENTINEL_FEATURES) for key, t in state.items() if _SENTINEL_FEATURES in t.shape}
+
+
+def infer_num_features(network: str, state: dict) -> int | None:
+    """The embedding size a ``network`` state_dict was trained with (the size of its last layer,
+    e.g. ``features`` BatchNorm / ``fc.weight.shape[0]``), or None if the state_dict does not say."""
+    sizes = set()
+    for key, axis in _feature_sized_entries(network).items():
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > axis:
+            sizes.add(int(tensor.shape[axis]))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def read_state_dict(weights: str | Path) -> dict:
+    """A backbone state_dict from a file (arcface_torch ``model.pt``, or a checkpoint holding
+    ``state_dict_backbone``); a DDP ``module.`` prefix is stripped. Raises FileNotFoundError or
+    ValueError naming the file."""
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"backbone weights not found: {weights}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{weights}: not a PyTorch state_dict file ({first_line})") from None
     if isinstance(state, dict) and "state_dict_backbone" in state:
         state = state["state_dict_backbone"]
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a backbone state_dict, got {type(state).__name__}")
-    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _mismatch(weights: Path, network: str, num_features: int, model: nn.Module, state: dict) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            parts.append(f"{len(keys)} {label} key(s) (e.g. {keys[0]})")
+    return f"{weights}: does not match backbone {network!r} (num_features={num_features}): {'; '.join(parts)}"
+
+
+def load_backbone(network: str, weights: str | Path, num_features: int | None = None) -> nn.Module:
+    """Build ``network`` with ``protomem_plugin.backbones.get_model`` and load a plain state_dict.
+
+    Accepts arcface_torch's ``model.pt`` (a backbone state_dict); a ``module.`` prefix from a DDP
+    checkpoint is stripped. ``num_features=None`` (default) takes the embedding size from the
+    weights; a given one that contradicts the weights raises ValueError naming both sizes.
+    """
+    from protomem_plugin.backbones import get_model
+
+    state = read_state_dict(weights)
+    inferred = infer_num_features(network, state)
+    if num_features is None:
+        num_features = inferred if inferred is not None else 512
+    elif inferred is not None and inferred != num_features:
+        raise ValueError(
+            f"{weights}: the weights give {inferred}-d embeddings but num_features (--num-features) is "
+            f"{num_features}; leave it out to use {inferred}"
+        )
     model = get_model(network, num_features=num_features)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{weights}: does not match backbone {network!r} (num_features={num_features}): {err}") from None
+    except RuntimeError:
+        raise ValueError(_mismatch(Path(weights), network, num_features, model, state)) from None
     return model.eval()
 
 
@@ -111,10 +170,13 @@ def make_embedder(
     network: str | None = None,
     weights: str | Path | None = None,
     onnx_path: str | Path | None = None,
-    num_features: int = 512,
+    num_features: int | None = None,
     device: str = "cpu",
 ) -> Embedder:
-    """An embedder from either ``network`` + ``weights`` or an ``onnx_path``."""
+    """An embedder from either ``network`` + ``weights`` or an ``onnx_path``.
+
+    ``num_features`` (backbone weights only): None takes the embedding size from the weights.
+    """
     if (onnx_path is None) == (weights is None):
         raise ValueError("give either an ONNX file or backbone weights (with a network name), not both")
     if onnx_path is not None:

@@ -138,16 +138,16 @@ def evaluate_ijb(
     if unknown or not protocols:
         raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {protocols}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     features_path = Path(features_path) if features_path else output_dir / f"{layout.prefix}_features.npy"
 
-    # read and check every meta file before the (long) feature extraction
+    # read and check every meta file before the (long) feature extraction and before any write
     images = read_image_list(layout)
     known = np.unique(images.templates)
     pairs = read_template_pairs(layout.template_pair_label, known) if "1:1" in protocols else None
     if "1:N" in protocols:
         probe = read_template_subjects(layout.probe_mixed, known)
         galleries = {g: read_template_subjects(p, known) for g, p in layout.galleries.items()}
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     features = load_or_extract_features(layout, images, embedder, features_path, batch_size, workers)
     fused = fuse_image_features(

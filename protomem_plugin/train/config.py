@@ -53,6 +53,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "freeze_bn": False,           # keep BatchNorm running statistics fixed (fine-tuning, exact DDP parity)
     "val_every_epoch": False,     # also verify at the end of every epoch
 }
+# arcface_torch's `resume` (False / True) also takes "auto": resume from the last complete checkpoint in
+# `output` if there is one, else start (torchrun --max-restarts); False refuses a folder holding checkpoints
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the file and the key."""
@@ -110,6 +113,9 @@ def validate_config(cfg: edict, source: str = "config") -> None:
         raise ConfigError(f"config key 'network' = {cfg.network!r} in {source} is unknown; valid: {', '.join(BACKBONE_NAMES)}")
     check_head_keys(cfg, source)
     check_values(cfg, source)
+    resume = cfg.get("resume")
+    if not (resume is None or resume == "auto" or (isinstance(resume, int) and resume in (0, 1))):
+        raise ConfigError(f"config key 'resume' in {source} must be False, True or 'auto', got {cfg.resume!r}")
 
 
 def check_known_keys(cfg: edict, allowed: set[str], source: str) -> None:

@@ -33,15 +33,81 @@ from .config import ConfigError
 from .runtime import Runtime
 
 
+def checkpoint_ranks(output: str | Path) -> list[int]:
+    """The ranks whose ``checkpoint_gpu_{rank}.pt`` exists in ``output``, sorted."""
+    return sorted(int(m.group(1)) for p in Path(output).glob("checkpoint_gpu_*.pt")
+                  if (m := re.fullmatch(r"checkpoint_gpu_(\d+)\.pt", p.name)))
+
+
 def _old_world_size(output: Path) -> int:
     first = checkpoint_path(output, 0)
     if not first.is_file():
         raise ConfigError(f"config key 'resume' is set but {first} does not exist")
-    ranks = sorted(int(m.group(1)) for p in output.glob("checkpoint_gpu_*.pt")
-                   if (m := re.fullmatch(r"checkpoint_gpu_(\d+)\.pt", p.name)))
+    ranks = checkpoint_ranks(output)
     # memory-mapped: unpickling reads the metadata only, no tensor data; the file is unmapped on return
     state = load_training_checkpoint(first, mmap=True)
     return int(state.get("protomem", {}).get("world_size", len(ranks)))
+
+
+def complete_checkpoint(output: str | Path) -> tuple[int, int]:
+    """``(global_step, world_size)`` of the checkpoint set in ``output`` if it is complete.
+
+    Complete: the file of every rank of the saving run (``protomem.world_size`` of rank 0's file, else
+    the number of files) exists, loads (its metadata; memory-mapped, no tensor data is read) and holds
+    the same global step. Otherwise :class:`ConfigError` naming the key ``resume``, the folder and
+    what is wrong. Files are written atomically and the trainer puts every rank's new file in place
+    only once all ranks have written theirs, so a set is incomplete only if a run died between two
+    renames or the folder was edited by hand.
+    """
+    out = Path(output)
+    ranks = checkpoint_ranks(out)
+    problems, steps, world_size = [], {}, len(ranks)
+    for rank in ranks:
+        if rank >= world_size:  # left by an earlier run on more ranks (the saving run had world_size)
+            break
+        try:
+            state = load_training_checkpoint(checkpoint_path(out, rank), mmap=True)
+        except (OSError, ValueError) as err:
+            problems.append(f"{checkpoint_path(out, rank).name} cannot be read ({err})")
+            continue
+        steps[rank] = int(state["global_step"])
+        if rank == 0:
+            world_size = int(state.get("protomem", {}).get("world_size", len(ranks)))
+        del state
+    missing = [r for r in range(world_size) if r not in ranks]
+    if missing:
+        names = ", ".join(checkpoint_path(out, r).name for r in missing)
+        problems.insert(0, f"the run had {world_size} ranks but {names} missing")
+    if len(set(steps.values())) > 1:
+        problems.append("the files are of different steps (" + ", ".join(f"rank {r}: {s}" for r, s in steps.items())
+                        + ")")
+    if problems:
+        raise ConfigError(f"config key 'resume': the checkpoints in {out} are not a complete set: "
+                          f"{'; '.join(problems)}; restore them or choose another 'output' folder")
+    return steps[0], world_size
+
+
+def resume_decision(resume: Any, output: str | Path) -> int | None:
+    """Whether this run resumes: the global step of the complete checkpoint it resumes from, or None.
+
+    ``resume`` is the config key: True needs a complete checkpoint set in ``output``; "auto" takes it
+    if ``output`` holds any checkpoint, else starts; False starts, and refuses an ``output`` that
+    already holds checkpoints (a new run would overwrite them). Only reads; raises ConfigError.
+    """
+    out = Path(output)
+    ranks = checkpoint_ranks(out) if out.is_dir() else []
+    if not resume:
+        if ranks:
+            raise ConfigError(
+                f"config key 'resume' is False but {out} already holds checkpoints (checkpoint_gpu_{ranks[0]}.pt"
+                f"{', ...' if len(ranks) > 1 else ''}): set resume=True or resume='auto' to continue that run, or "
+                "choose another 'output' folder; a new run would overwrite them")
+        return None
+    if resume == "auto" and not ranks:
+        return None
+    if 0 not in ranks:
+        raise ConfigError(f"config key 'resume' is set but {checkpoint_path(out, 0)} does not exist")
+    return complete_checkpoint(out)[0]
 
 
 def _owned(obj: Any) -> Any:

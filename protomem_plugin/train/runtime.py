@@ -44,7 +44,17 @@ def init_runtime(backend: str | None = None) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # torchrun keeps one store for every restart of the group (--max-restarts): keys of this attempt
+            # only, or a restarted rank may read a dead rank's address (gloo: "connectFullMesh failed ...
+            # Connection refused"; NCCL: pytorch/pytorch#167288)
+            store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"protomem/attempt_{attempt}", store), rank=rank,
+                                    world_size=world_size, timeout=timeout)
     return Runtime(rank, world_size, local_rank, device)
 
 

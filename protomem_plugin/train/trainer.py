@@ -21,11 +21,14 @@ from ..heads import NonFiniteEmbeddingError
 from ..losses import build_margin_loss
 from ..registry import build_head
 from .callbacks import TrainingLogger, VerificationCallback, head_diagnostics
-from .checkpoint import save_model_pt, save_training_checkpoint
+from .checkpoint import (CheckpointWriteError, checkpoint_path, commit_temporary, discard_temporary,
+                         remove_stale_temporaries, save_model_pt, stage_training_checkpoint)
 from .config import ConfigError
-from .resume import load_resume_state
+from .preflight import check_output, check_resume, check_val_targets
+from .resume import load_resume_state, resume_decision
 from .runtime import Runtime, capture_rng_state, init_runtime, restore_rng_state, seed_everything
 from .schedule import build_lr_scheduler, build_optimizer
+from .signals import StopRequest
 
 log = logging.getLogger("protomem.train")
 
@@ -136,12 +139,19 @@ def buffers_finite(module: nn.Module) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(floats))).all()
 
 
-def steps_agree(good: torch.Tensor, runtime: Runtime) -> bool:
-    """True when the step is finite on every rank (all-reduced, so all ranks take the same branch)."""
+def steps_agree(good: torch.Tensor, runtime: Runtime, stop: bool = False) -> tuple[bool, bool]:
+    """(``good`` on every rank, ``stop`` on some rank): one all-reduce, so all ranks take the same branch.
+
+    ``stop`` (a SIGTERM received by this process) travels in the same reduction as ``good``: the
+    step still reads the device once.
+    """
     bad = good.logical_not().to(torch.float32).reshape(1)
     if runtime.world_size > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return not bool(bad)
+        flags = torch.cat([bad, torch.full((1,), float(stop), device=bad.device)])
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_any, stop_any = flags.tolist()
+        return not bad_any, bool(stop_any)
+    return not bool(bad), stop
 
 
 def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:
@@ -186,6 +196,10 @@ def build_setup(cfg, runtime: Runtime) -> TrainingSetup:
 def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
     """Run the training ``cfg`` describes; returns a summary (steps, last loss, verification)."""
     runtime = runtime or init_runtime()
+    # up-front checks: nothing is built or written before they pass
+    check_output(cfg)
+    check_val_targets(cfg)
+    resume_from = resume_decision(cfg.get("resume"), cfg.output)  # global step of a complete checkpoint, or None
     setup = build_setup(cfg, runtime)
     loader, backbone, head, optimizer, scheduler, scaler = (
         setup.loader, setup.backbone, setup.head, setup.optimizer, setup.scheduler, setup.scaler)
@@ -193,7 +207,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
     stop_step = min(total_steps, int(cfg.stop_at_step)) if cfg.get("stop_at_step") else total_steps
 
     start_epoch, global_step, nonfinite_total, resumed_mid_epoch = 0, 0, 0, False
-    if cfg.resume:
+    if resume_from is not None:
+        check_resume(cfg, runtime.world_size, backbone, head)
         state = load_resume_state(cfg.output, runtime, backbone, head, optimizer, scheduler, loader,
                                   lrs=(cfg.lr, cfg.get("head_lr_scale", 1.0)))
         start_epoch, global_step = state["epoch"], state["global_step"]
@@ -211,9 +226,20 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                             progress=bool(cfg.progress))
     for key, value in sorted(cfg.items()):
         logger.write(f": {key:<25} {value}", console=False)
+    if resume_from is not None:
+        logger.write(f"resume={cfg.resume!r}: resumed from the complete checkpoint of global step {global_step} "
+                     f"(epoch {start_epoch}) in {cfg.output}")
+    if runtime.is_main:
+        for tmp in remove_stale_temporaries(cfg.output):
+            logger.write(f"removed {tmp}, a temporary file left by a killed run")
     verify = VerificationCallback(cfg.rec, cfg.get("val_targets"), cfg.image_size, runtime.device) if runtime.is_main else None
 
+    saved_at = None  # (global_step, epoch) of the last checkpoint this run wrote
+
     def checkpoint(epoch: int) -> None:
+        nonlocal saved_at
+        if saved_at == (global_step, epoch):  # e.g. save_every_steps already saved the step a stop ends on
+            return
         extra = {"protomem": {
             "loader": loader.state_dict(), "rng": capture_rng_state(), "scaler": scaler.state_dict(),
             "world_size": runtime.world_size, "global_batch": cfg.batch_size * runtime.world_size,
@@ -221,8 +247,24 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
         }}
         if cfg.doppelganger_mining:
             extra["protomem"]["neighbours"] = {k: torch.from_numpy(v) for k, v in loader.sampler.table.state_dict().items()}
-        save_training_checkpoint(cfg.output, runtime.rank, epoch=epoch, global_step=global_step, backbone=backbone,
-                                 head=head, optimizer=optimizer, lr_scheduler=scheduler, extra=extra)
+        # every rank writes a temporary file; all put theirs in place only if all succeeded, so a rank
+        # that cannot write (disk full) leaves every rank's previous checkpoint, a consistent set
+        path, tmp, error = checkpoint_path(cfg.output, runtime.rank), None, None
+        try:
+            tmp = stage_training_checkpoint(cfg.output, runtime.rank, epoch=epoch, global_step=global_step,
+                                            backbone=backbone, head=head, optimizer=optimizer,
+                                            lr_scheduler=scheduler, extra=extra)
+        except CheckpointWriteError as err:
+            error = err
+        try:
+            if not steps_agree(torch.tensor(error is None, device=runtime.device), runtime)[0]:
+                raise error or CheckpointWriteError(f"cannot write {path}: another rank could not write its checkpoint "
+                                                    f"(see its error); every rank keeps its previous checkpoint")
+            commit_temporary(tmp, path)
+            tmp, saved_at = None, (global_step, epoch)
+        finally:
+            if tmp is not None:
+                discard_temporary(tmp)
 
     def verification_now() -> dict[str, float]:
         result = verify(backbone, global_step, logger)
@@ -233,6 +275,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
     last_loss: torch.Tensor | float = float("nan")
     verification: dict[str, float] = {}
     accumulate = int(cfg.gradient_acc)
+    stop_request, stopping, stopped = StopRequest().install(), False, False  # SIGTERM: checkpoint, then return
     try:
         for epoch in range(start_epoch, int(cfg.num_epoch)):
             if global_step >= stop_step:
@@ -263,7 +306,8 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                     norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), float(cfg.clip_grad_norm))
                     if not scaler.is_enabled():  # no non-finite gradient reaches the weights
                         good = good & torch.isfinite(norm)
-                finite = steps_agree(good, runtime)  # the step's one read of the device
+                finite, stop_now = steps_agree(good, runtime, stop_request.requested)  # the step's one device read
+                stopping = stopping or stop_now
                 if finite and boundary:
                     scaler.step(optimizer)
                     scaler.update()
@@ -299,23 +343,30 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
                 if cfg.save_every_steps and global_step % int(cfg.save_every_steps) == 0:
                     logger.flush()
                     checkpoint(epoch)
-                if global_step >= stop_step:
+                stopped = stopping and global_step % accumulate == 0  # never inside an accumulation
+                if stopped or global_step >= stop_step:
                     break
             finished_epoch = loader.state_dict()["position"] >= len(loader)
             if finished_epoch:
                 loader.set_epoch(epoch + 1)
-            if cfg.save_all_states or cfg.save_every_steps:
+            if stopped or cfg.save_all_states or cfg.save_every_steps:
+                logger.flush()
                 checkpoint(epoch + 1 if finished_epoch else epoch)
             if runtime.is_main:
                 save_model_pt(backbone, cfg.output)
+            if stopped:
+                logger.write(f"stopped by SIGTERM after global step {global_step} of {total_steps}: every rank's "
+                             f"checkpoint_gpu_{{rank}}.pt is in {cfg.output}; continue with --resume or resume='auto'")
+                break
             if verify is not None and cfg.get("val_every_epoch"):
                 verification = verification_now()
         if runtime.is_main:
             save_model_pt(backbone, cfg.output)
-            if verify is not None and verify.paths and not verification:
+            if verify is not None and verify.paths and not verification and not stopped:
                 verification = verification_now()
     finally:
+        stop_request.restore()
         logger.close()
     last_loss = float(last_loss)
     return {"global_step": global_step, "last_loss": last_loss, "verification": verification,
-            "nonfinite_steps": nonfinite_total, "output": cfg.output}
+            "nonfinite_steps": nonfinite_total, "output": cfg.output, "stopped": "SIGTERM" if stopped else None}

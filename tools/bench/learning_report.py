@@ -46,6 +46,9 @@ def seed_stats(results: list[dict]) -> dict | None:
     for role in ("test", "val"):
         for metric in METRICS:
             out[f"{role} {metric}"] = _pct([r["final"][role][metric] for r in ok])
+    out["train_cpu_s"] = float(np.mean([r["curve"][-1]["cpu_s"] for r in ok]))
+    out["curve_cpu_s"] = np.mean([[p["cpu_s"] for p in r["curve"]] for r in ok], axis=0).tolist()
+    out["curve_test"] = (np.mean([[p["test"]["tar@0.001"] for p in r["curve"]] for r in ok], axis=0) * 100).tolist()
     out["loop_s_per_step"] = float(np.mean([r["cost"]["loop_s_per_step"] for r in ok]))
     out["cpu_s_per_step"] = float(np.mean([r["cost"]["cpu_s_per_step"] for r in ok]))
     out["peak_rss_mb"] = float(np.max([r["cost"]["peak_rss_mb"] for r in ok]))
@@ -89,6 +92,13 @@ def collect(planner: grid.Planner) -> dict:
             if len(rows) > 1 and any(v for e, v in rows.items() if e != regime.epochs):
                 report["schedule"].append({"regime": regime_name, "head": head,
                                            "by_epochs": {str(e): v for e, v in sorted(rows.items()) if v}})
+    for regime_name in planner.regimes:  # equal wall time: the shortest training of the regime's heads
+        rows = [r for r in report["main"] if r["regime"] == regime_name]
+        if rows:
+            budget = min(r["train_cpu_s"] for r in rows)
+            for r in rows:
+                r["equal_time_s"] = budget
+                r["test tar@0.001 at equal time"] = float(np.interp(budget, [0.0] + r["curve_cpu_s"], [0.0] + r["curve_test"]))
     base = planner.regimes.get("obsolescence")
     if base is not None:
         sizes = sorted({base.num_identities, *(grid.QUICK_IDENTITY_SWEEP if planner.quick else grid.IDENTITY_SWEEP)})
@@ -113,7 +123,7 @@ def markdown(report: dict) -> str:
     """README tables of the report."""
     lines = ["#### Test figures at each head's chosen settings (mean ± std over seeds)", "",
              "| regime | head | chosen on validation | test TAR@FAR=1e-4 | test TAR@FAR=1e-3 | vs PM | seeds | "
-             "s/step | peak RSS MB |", "|---|---|---|---:|---:|---|---:|---:|---:|"]
+             "TAR@1e-3 at equal time | s/step | peak RSS MB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     by_regime: dict = {}
     for row in report["main"]:
         by_regime.setdefault(row["regime"], {})[row["head"]] = row
@@ -122,7 +132,8 @@ def markdown(report: dict) -> str:
         for head, row in rows.items():
             versus = "" if head == "pm" or pm is None else verdict(row, pm)
             lines.append(f"| {regime} | {head} | {setting_text(row['setting'])} | {_cell(*row['test tar@0.0001'])} | "
-                         f"{_cell(*row['test tar@0.001'])} | {versus} | {row['seeds']} | {row['loop_s_per_step']:.3f} | "
+                         f"{_cell(*row['test tar@0.001'])} | {versus} | {row['seeds']} | "
+                         f"{row['test tar@0.001 at equal time']:.1f} ({row['equal_time_s']:.0f} s) | {row['loop_s_per_step']:.3f} | "
                          f"{row['peak_rss_mb']:.0f} |")
     lines += ["", "#### Learning-rate grid (seed 0; validation chooses, test shown for the plot)", "",
               "| regime | head | setting | validation TAR@1e-3 | test TAR@1e-3 |", "|---|---|---|---:|---:|"]
@@ -223,7 +234,8 @@ def plot(planner: grid.Planner, report: dict, out: Path, stem: str) -> list[str]
         ax.set_ylabel("test TAR@FAR=1e-3 gap (points)")
         ax.set_title("PM's lead against identities (obsolescence regime)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         save(fig, "identities")
 
     if main_regimes:

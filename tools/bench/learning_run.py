@@ -177,13 +177,24 @@ def evaluate(model_path: Path, trees: dict[str, Path]) -> dict[str, dict[str, fl
     import torch
 
     from protomem_plugin.eval.embedders import TorchEmbedder, load_backbone
+
+    model = load_backbone(TRAINING["network"], model_path, num_features=TRAINING["embedding_size"])
+    embedder = TorchEmbedder(model, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per run, like its training; restored for the caller
+    try:
+        out = _evaluate_trees(embedder, trees)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _evaluate_trees(embedder, trees: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """The 1:1 protocol on each tree's saved aligned crops."""
     from protomem_plugin.eval.extract import embed_with_flip
     from protomem_plugin.eval.ijb import verification_from_features
     from protomem_plugin.eval.templates import fuse_image_features
 
-    torch.set_num_threads(1)
-    model = load_backbone(TRAINING["network"], model_path, num_features=TRAINING["embedding_size"])
-    embedder = TorchEmbedder(model, "cpu")
     out = {}
     for role, tree in trees.items():
         data = np.load(tree / f"aligned_{TRAINING['image_size']}.npz")

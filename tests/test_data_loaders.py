@@ -92,14 +92,14 @@ def test_dali_images_equal_fallback_within_decoder_tolerance_with_flips(rec_dir)
             torch.testing.assert_close(y, v)
             diff = (x - u).abs() * 127.5  # in grey levels
             assert diff.max() <= 2.0 and diff.mean() <= 0.5
-    flips = dali.flips(3)
+    flips = dali.flips(3).materialize()
     assert 0 < flips.mean() < 1
 
 
 def test_flip_mirrors_the_decoded_image(rec_dir, reference):
     ref_images, _ = reference
     dali = loader(rec_dir, use_dali=True, seed=7, random_flip=True)
-    flips = torch.from_numpy(dali.flips(0))
+    flips = torch.from_numpy(dali.flips(0).materialize())
     plan = dali.sampler.epoch_batches(0)
     images, _ = next(iter(dali))
     expected = ref_images[plan[0]]
@@ -222,28 +222,30 @@ def test_dali_aug_draws_do_not_depend_on_world_size(rec_dir):
     draws_one = one.augmentation_draws(1)
     draws_ranks = [shard.augmentation_draws(1) for shard in ranks]
     for name, values in draws_one.items():
-        np.testing.assert_array_equal(values, np.concatenate([d[name] for d in draws_ranks], axis=1))
+        np.testing.assert_array_equal(values.materialize(),
+                                      np.concatenate([d[name].materialize() for d in draws_ranks], axis=1))
     for (x, y), (a, b), (c, d) in zip(one, *ranks):  # the same images, augmented identically
         torch.testing.assert_close(y, torch.cat([b, d]))
         assert torch.equal(x, torch.cat([a, c]))
 
 
-def test_image_uniforms_do_not_depend_on_the_draw_chunk(rec_dir, monkeypatch):
-    import protomem_plugin.data.loader as loader_module
-
+def test_per_image_draws_are_computed_per_batch_in_any_order(rec_dir):
     dali = loader(rec_dir, use_dali=True, seed=3, dali_aug=True)
-    whole = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32), dali.flips(4)
-    monkeypatch.setattr(loader_module, "_DRAW_CHUNK", 200)  # 2 batches of 8 x 10 values a draw
-    chunked = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32), dali.flips(4)
-    for a, b in zip(whole, chunked):
-        np.testing.assert_array_equal(a, b)
+    in_order = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32).materialize()
+    alone = dali.image_uniforms(4, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32)
+    assert in_order.shape == (len(dali), 8, DaliAugmentation.NUM_UNIFORMS)
+    np.testing.assert_array_equal(alone[3], in_order[3])  # no earlier row needed
+    np.testing.assert_array_equal(alone[2:].materialize(), in_order[2:])
+    assert not np.array_equal(in_order[0], in_order[1])
+    other_epoch = dali.image_uniforms(5, _AUG_STREAM, DaliAugmentation.NUM_UNIFORMS, np.float32)[0]
+    assert not np.array_equal(other_epoch, in_order[0])
 
 
 def test_dali_aug_host_draw_frequencies_and_ranges(rec_dir):
     aug = DaliAugmentation()
     dali = loader(rec_dir, use_dali=True, seed=6, dali_aug=aug)
     draws = [dali.augmentation_draws(epoch) for epoch in range(40)]  # 40 x 48 images
-    merged = {name: np.concatenate([d[name].ravel() for d in draws]) for name in draws[0]}
+    merged = {name: np.concatenate([d[name].materialize().ravel() for d in draws]) for name in draws[0]}
     for name, prob in [("low_res", aug.low_res_prob), ("blur", aug.blur_prob),
                        ("color_jitter", aug.color_jitter_prob), ("gray", aug.gray_prob)]:
         assert merged[name].dtype == bool and abs(merged[name].mean() - prob) < 0.03, name
@@ -264,7 +266,7 @@ def test_dali_aug_changes_exactly_the_images_drawn_for_it(rec_dir, kind):
     if kind == "blur":  # the default sigmas scaled to 32 px (0.14-0.43) often leave an image as it is
         probs["blur_sigma"] = (2.0, 4.0)
     aug = loader(rec_dir, use_dali=True, seed=8, dali_aug=DaliAugmentation(**probs))
-    drawn = torch.from_numpy(aug.augmentation_draws(0)[kind])
+    drawn = torch.from_numpy(aug.augmentation_draws(0)[kind].materialize())
     assert 0 < drawn.float().mean() < 1
     for (x, _), (u, _), chosen in zip(base, aug, drawn):
         same = (x == u).flatten(1).all(1)

@@ -71,15 +71,22 @@ def test_mining_is_deterministic_and_two_ranks_split_the_same_global_batches():
 
 def test_table_updates_shape_later_batches_only_and_state_round_trips():
     labels = labels_of(32, 4)
+    plain = [set(labels[b].tolist()) for b in MiningBatchSampler(labels, 8, 2, seed=5, table=NeighbourTable(),
+                                                                  mining_fraction=1.0)]
     table = NeighbourTable()
     sampler = MiningBatchSampler(labels, 8, 2, seed=5, table=table, mining_fraction=1.0)
     lazy = sampler.batches_from(0)
     first = lazy[0]
+    assert set(labels[first].tolist()) == plain[0]
     c = int(labels[first[0]])
-    partner = (c + 16) % 32
+    again = next(i for i in range(1, len(plain)) if c in plain[i])  # where c's second group comes
+    seen_before = set().union(*plain[: again + 1])
+    partner = min(set(range(32)) - seen_before)  # a class whose groups all come after that
     table.update(np.array([c]), np.array([[partner]]))
     later = [set(labels[lazy[i]].tolist()) for i in range(1, len(lazy))]
-    assert any(c in s and partner in s for s in later) or partner in set(labels[first])
+    assert later[: again - 1] == plain[1:again], "batches before c returns are unchanged"
+    assert c in later[again - 1] and partner in later[again - 1], "c's next group brings its reported neighbour"
+    assert plain[again] != later[again - 1]
     restored = NeighbourTable()
     restored.load_state_dict(table.state_dict())
     assert restored.neighbours == table.neighbours

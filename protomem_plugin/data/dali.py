@@ -18,13 +18,15 @@ epoch augments every image exactly as the uninterrupted run does, on any number 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .lazy_rows import LazyRows
 from .loader import TrainLoader, host_to_device
 from .recordio import InsightFaceRec, RecordIOError, check_image_payload
 from .sampler import GroupedBatchSampler
@@ -91,13 +93,14 @@ class _BatchFeed:
 
     def __init__(self, rec: InsightFaceRec):
         self.rec = rec
-        self.batches = np.zeros((0, 0), dtype=np.int64)
-        self.per_image: tuple[np.ndarray, ...] = ()
+        self.batches: Sequence = ()
+        self.per_image: tuple[Sequence, ...] = ()
         self.next = 0  # batches handed to DALI so far (it prefetches ahead of what it outputs)
 
-    def start(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray) -> None:
-        """``flips`` and each of ``augment`` (len(batches), batch_size): one value per image."""
-        self.batches, self.per_image, self.next = batches, (flips.astype(np.int32), *augment), 0
+    def start(self, batches: Sequence, flips: LazyRows, *augment: Sequence) -> None:
+        """``flips`` and each of ``augment``: one row of batch_size values per batch."""
+        self.batches, self.next = batches, 0
+        self.per_image = (flips.map(lambda f: f.astype(np.int32)), *augment)
 
     def stop(self) -> None:
         self.next = len(self.batches)
@@ -236,15 +239,17 @@ class DaliTrainLoader(TrainLoader):
         )
         self._started = False
 
-    def augmentation_draws(self, epoch: int) -> dict[str, np.ndarray]:
-        """Each image's augmentation decisions and parameters (len, batch_size) of this rank for
-        ``epoch`` (see :meth:`DaliAugmentation.draws`); empty without ``dali_aug``."""
+    def augmentation_draws(self, epoch: int) -> dict[str, LazyRows]:
+        """Each image's augmentation decisions and parameters (rows of batch_size per batch) of this
+        rank for ``epoch`` (see :meth:`DaliAugmentation.draws`); empty without ``dali_aug``."""
         if self.augmentation is None:
             return {}
         uniforms = self.image_uniforms(epoch, _AUG_STREAM, self.augmentation.NUM_UNIFORMS, np.float32)
-        return self.augmentation.draws(uniforms, self.image_size)
+        per_batch = functools.lru_cache(maxsize=2)(lambda b: self.augmentation.draws(uniforms[b], self.image_size))
+        names = self.augmentation.draws(np.zeros((1, self.augmentation.NUM_UNIFORMS)), self.image_size)
+        return {name: LazyRows(len(uniforms), lambda b, name=name: per_batch(b)[name]) for name in names}
 
-    def per_image_draws(self, epoch: int) -> tuple[np.ndarray, ...]:
+    def per_image_draws(self, epoch: int) -> tuple[LazyRows, ...]:
         return (*super().per_image_draws(epoch), *self.augmentation_draws(epoch).values())
 
     def _finish_epoch(self) -> None:
@@ -272,7 +277,7 @@ class DaliTrainLoader(TrainLoader):
         feed_ndarray(dense, out, cuda_stream=stream)
         return out
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray, *augment: np.ndarray
+    def _iterate(self, batches: Sequence, flips: LazyRows, *augment: Sequence
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
         if self._failure is not None:
@@ -289,17 +294,18 @@ class DaliTrainLoader(TrainLoader):
             yield self._to_torch(images, torch.float32), host_to_device(self._to_torch(labels, torch.int64), self.device)
         self._finish_epoch()
 
-    def _name_failure(self, suspects: np.ndarray, err: Exception) -> RecordIOError:
+    def _name_failure(self, suspects: Sequence, err: Exception) -> RecordIOError:
         """A RecordIOError naming the first record of ``suspects`` (the batches DALI had been given but
         not delivered) that OpenCV cannot decode either, else the keys of the batch that failed."""
         import cv2
 
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        for position in np.asarray(suspects).reshape(-1):
+        suspects = np.concatenate([np.asarray(row).reshape(-1) for row in suspects]) if len(suspects) else []
+        for position in suspects:
             key = int(self.rec.image_keys[position])
             data = self.rec.read_image_bytes(key)
             if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
                 return RecordIOError(f"{self.rec.where(key)}: payload of {len(data)} bytes is not a decodable "
                                      f"image (DALI: {first_line})")
-        keys = self.rec.image_keys[np.asarray(suspects[:1]).reshape(-1)]
+        keys = self.rec.image_keys[np.asarray(suspects[: self.sampler.batch_size], dtype=np.int64)]
         return RecordIOError(f"{self.rec.rec_path}: DALI failed on the batch of keys {keys.tolist()}: {first_line}")

@@ -64,7 +64,7 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 class _LazyPlan:
     """``(position, flip)`` lists per batch, built when the DataLoader asks for them (mining needs it)."""
 
-    def __init__(self, batches, flips: np.ndarray) -> None:
+    def __init__(self, batches, flips) -> None:
         self.batches, self.flips = batches, flips
 
     def __iter__(self):
@@ -115,7 +115,7 @@ class TorchTrainLoader(TrainLoader):
             prefetch_factor=prefetch if num_workers > 0 else None,
         )
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, batches, flips) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._plan.plan = _LazyPlan(batches, flips)
         for images, labels in self.dataloader:
             yield normalize_batch(images, self.device), labels.to(self.device, non_blocking=True)

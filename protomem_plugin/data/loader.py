@@ -19,12 +19,13 @@ import torch
 
 from .folders import open_train_source
 from .recordio import InsightFaceRec
+from .identity_layout import IdentityLayout
+from .lazy_rows import LazyRows
 from .sampler import GroupedBatchSampler
 
-__all__ = ["TrainLoader", "build_train_loader", "host_to_device", "normalize_batch"]
+__all__ = ["TrainLoader", "build_train_loader", "host_to_device", "normalize_batch", "sampler_layout"]
 
 _FLIP_STREAM = 0xF11  # separates the flip random stream from the sampler's
-_DRAW_CHUNK = 1 << 22  # values drawn at a time by image_uniforms: bounds the global-batch transient
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -103,34 +104,33 @@ class TrainLoader:
         self._position = int(state["position"])
         self._resume_from = self._position
 
-    def image_uniforms(self, epoch: int, stream: int, fields: int | None = None, dtype=np.float64) -> np.ndarray:
-        """Uniform ``[0, 1)`` draws per image of this rank for ``epoch``: (len, batch_size), or
-        (len, batch_size, fields) with ``fields`` values per image.
+    def image_uniforms(self, epoch: int, stream: int, fields: int | None = None, dtype=np.float64) -> LazyRows:
+        """Uniform ``[0, 1)`` draws per image of this rank for ``epoch``: rows of (batch_size,), or
+        (batch_size, fields) with ``fields`` values per image, one row per batch, computed when read.
 
-        One generator keyed by ``(seed, epoch, stream)`` fills the whole global batch and each rank
-        keeps its slice, so the values depend on the global batch alone: 2 ranks of batch 64 get
-        exactly the values 1 process of batch 128 gets. Drawn a few batches at a time (the same
-        values as one draw) so the global-batch array never has to be held for a whole epoch.
+        Global batch ``b``'s values come from one generator keyed by ``(seed, epoch, stream, b)`` and
+        each rank keeps its slice, so they depend on the global batch alone: 2 ranks of batch 64 get
+        exactly the values 1 process of batch 128 gets, and no epoch-sized array is ever held.
         """
         size, world, rank = self.sampler.batch_size, self.sampler.world_size, self.sampler.rank
-        length, tail = len(self.sampler), (() if fields is None else (int(fields),))
-        rng = np.random.default_rng([self.sampler.seed, int(epoch), int(stream)])
-        out = np.empty((length, size) + tail, dtype=dtype)
-        rows = max(1, _DRAW_CHUNK // (size * world * (fields or 1)))
-        for lo in range(0, length, rows):
-            block = rng.random((min(rows, length - lo), size * world) + tail, dtype=dtype)
-            out[lo : lo + len(block)] = block[:, rank * size : (rank + 1) * size]
-        return out
+        tail, seed = (() if fields is None else (int(fields),)), self.sampler.seed
 
-    def flips(self, epoch: int) -> np.ndarray:
-        """Per-image horizontal flip decisions (len, batch_size) of this rank for ``epoch``."""
+        def row(b: int) -> np.ndarray:
+            rng = np.random.default_rng([seed, int(epoch), int(stream), b])
+            return rng.random((size * world,) + tail, dtype=dtype)[rank * size : (rank + 1) * size]
+
+        return LazyRows(len(self.sampler), row)
+
+    def flips(self, epoch: int) -> LazyRows:
+        """Per-image horizontal flip decisions (rows of batch_size bools) of this rank for ``epoch``."""
         if not self.random_flip:
-            return np.zeros((len(self.sampler), self.sampler.batch_size), dtype=bool)
-        return self.image_uniforms(epoch, _FLIP_STREAM) < 0.5
+            none = np.zeros(self.sampler.batch_size, dtype=bool)
+            return LazyRows(len(self.sampler), lambda b: none)
+        return self.image_uniforms(epoch, _FLIP_STREAM).map(lambda u: u < 0.5)
 
-    def per_image_draws(self, epoch: int) -> tuple[np.ndarray, ...]:
-        """The per-image arrays (len, batch_size) ``_iterate`` gets besides the batches: the flips;
-        a subclass appends its own (the DALI loader's augmentation draws)."""
+    def per_image_draws(self, epoch: int) -> tuple[LazyRows, ...]:
+        """The per-image rows ``_iterate`` gets besides the batches: the flips; a subclass appends
+        its own (the DALI loader's augmentation draws)."""
         return (self.flips(epoch),)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -145,9 +145,18 @@ class TrainLoader:
             self.current_positions = batches[offset]
             yield images, labels
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray, *draws: np.ndarray
+    def _iterate(self, batches: LazyRows, flips: LazyRows, *draws: LazyRows
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+
+def sampler_layout(rec) -> IdentityLayout:
+    """The sampler's view of a dataset: from the identity records' ranges when the .rec has them
+    (nothing per image), else from the per-image labels."""
+    ranges = getattr(rec, "identity_ranges", None)
+    if ranges is not None:
+        return IdentityLayout.from_counts(ranges[:, 1] - ranges[:, 0])
+    return IdentityLayout.from_labels(rec.labels)
 
 
 def build_train_loader(
@@ -180,14 +189,15 @@ def build_train_loader(
     ``sampler.table`` the training loop updates from the head's reports.
     """
     rec = open_train_source(rec_dir)
+    identities = sampler_layout(rec)
     common_sampler = dict(samples_per_class=samples_per_class, rank=rank, world_size=world_size, seed=seed,
                           drop_last=drop_last)
     if doppelganger_mining:
         from .mining import MiningBatchSampler
 
-        sampler = MiningBatchSampler(rec.labels, batch_size, **common_sampler, mining_fraction=mining_fraction)
+        sampler = MiningBatchSampler(identities, batch_size, **common_sampler, mining_fraction=mining_fraction)
     else:
-        sampler = GroupedBatchSampler(rec.labels, batch_size, **common_sampler)
+        sampler = GroupedBatchSampler(identities, batch_size, **common_sampler)
     common = dict(device=device, image_size=image_size, random_flip=random_flip)
     if use_dali:
         from .dali import DaliTrainLoader

@@ -16,130 +16,148 @@ of that epoch may differ from an uninterrupted run (every image is still used at
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .sampler import GroupedBatchSampler, epoch_groups
+from .lazy_rows import LazyRows
+from .permutation import unpermute
+from .sampler import GroupedBatchSampler
 
 __all__ = ["NeighbourTable", "MiningBatchSampler"]
 
+_LOOKAHEAD = 4096  # epoch places whose identities are located at a time
+_KEEP_BEHIND = 16  # composed global batches kept behind the last one read (a loader may look back)
+
 
 class NeighbourTable:
-    """class -> most similar other classes (nearest first), as last reported."""
+    """class -> most similar other classes (nearest first), as last reported, for at most
+    ``capacity`` classes: the least recently reported are forgotten first (a memory head holds far
+    fewer classes than that, and reports only on classes it holds), so the table stays bounded
+    whatever the number of identities."""
 
-    def __init__(self) -> None:
-        self.neighbours: dict[int, tuple[int, ...]] = {}
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        if capacity < 1:
+            raise ValueError(f"NeighbourTable capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.neighbours: OrderedDict[int, tuple[int, ...]] = OrderedDict()
 
     def update(self, classes: np.ndarray, neighbours: np.ndarray) -> None:
         """Record ``neighbours[i]`` (``-1`` = none) as the nearest classes of ``classes[i]``."""
         for c, row in zip(np.asarray(classes).tolist(), np.asarray(neighbours).reshape(len(classes), -1).tolist()):
             self.neighbours[int(c)] = tuple(int(n) for n in row if n >= 0 and n != c)
+            self.neighbours.move_to_end(int(c))
+        while len(self.neighbours) > self.capacity:
+            self.neighbours.popitem(last=False)
 
     def state_dict(self) -> dict:
-        classes = np.array(sorted(self.neighbours), dtype=np.int64)
+        """``classes`` (least recently reported first) and their ``neighbours`` rows (-1 padded)."""
+        classes = np.array(list(self.neighbours), dtype=np.int64)
         width = max((len(v) for v in self.neighbours.values()), default=0)
         table = np.full((len(classes), width), -1, dtype=np.int64)
-        for i, c in enumerate(classes.tolist()):
-            row = self.neighbours[c]
+        for i, row in enumerate(self.neighbours.values()):
             table[i, : len(row)] = row
         return {"classes": classes, "neighbours": table}
 
     def load_state_dict(self, state: dict) -> None:
-        self.neighbours = {}
+        self.neighbours = OrderedDict()
         self.update(np.asarray(state["classes"]), np.asarray(state["neighbours"]))
 
 
 class _EpochComposer:
-    """Composes the global batches of one epoch in order, pulling neighbour groups forward."""
+    """Composes the global batches of one epoch in order, pulling neighbour groups forward.
+
+    Works on places of the epoch's shuffled group order (:meth:`GroupedBatchSampler.epoch_group`):
+    a bit per place marks it used; the next place in order is taken unless used, and a neighbour's
+    group is the earliest unused place among its identity's groups (found with the inverse
+    permutation). Memory: one bit per group of the epoch plus a few composed batches.
+    """
 
     def __init__(self, sampler: "MiningBatchSampler", epoch: int) -> None:
-        self.sampler = sampler
-        self.groups = epoch_groups(sampler.labels, sampler.samples_per_class, sampler.seed, epoch)
-        self.group_class = sampler.labels[self.groups[:, 0]]
-        order = np.argsort(self.group_class, kind="stable")  # epoch order kept inside each class
-        self.by_class = order
-        classes, starts, counts = np.unique(self.group_class[order], return_index=True, return_counts=True)
-        self.class_index = {int(c): i for i, c in enumerate(classes.tolist())}
-        self.class_next = starts.copy()
-        self.class_end = starts + counts
-        self.used = np.zeros(len(self.groups), dtype=bool)
+        self.sampler, self.epoch = sampler, int(epoch)
+        self.places = sampler.num_groups
+        self.key = sampler.epoch_key(epoch)
+        self.used = np.zeros(-(-self.places // 8), dtype=np.uint8)
         self.cursor = 0
-        self.composed: list[np.ndarray] = []
+        self.count = 0  # global batches composed so far
+        self.composed: dict[int, np.ndarray] = {}
+        self._ahead_from, self._ahead = 0, np.zeros(0, dtype=np.int64)
 
-    def _take_of_class(self, c: int) -> int | None:
-        i = self.class_index.get(c)
-        if i is None:
+    def _is_used(self, place: int) -> bool:
+        return bool(self.used[place >> 3] & (1 << (place & 7)))
+
+    def _mark(self, place: int) -> None:
+        self.used[place >> 3] |= np.uint8(1 << (place & 7))
+
+    def _identity_at(self, place: int) -> int:
+        """Identity number of the group at ``place`` (located a window at a time)."""
+        if not self._ahead_from <= place < self._ahead_from + len(self._ahead):
+            s = self.sampler
+            window = np.arange(place, min(place + _LOOKAHEAD, self.places))
+            self._ahead_from = place
+            self._ahead = s.layout.locate_groups(s.epoch_group(self.epoch, window), s.samples_per_class)[0]
+        return int(self._ahead[place - self._ahead_from])
+
+    def _take_of_class(self, label: int) -> int | None:
+        s = self.sampler
+        identity = s.layout.identity_of_label(label)
+        if identity is None:
             return None
-        while self.class_next[i] < self.class_end[i]:
-            g = int(self.by_class[self.class_next[i]])
-            self.class_next[i] += 1
-            if not self.used[g]:
-                return g
+        first, count = s.layout.identity_groups(identity, s.samples_per_class)
+        places = np.sort(unpermute(np.arange(first, first + count), self.places, self.key))
+        for place in places[places >= self.cursor].tolist():  # places before the cursor are all used
+            if not self._is_used(place):
+                return place
         return None
 
     def _take_next(self) -> int | None:
-        while self.cursor < len(self.groups) and self.used[self.cursor]:
+        while self.cursor < self.places and self._is_used(self.cursor):
             self.cursor += 1
-        return self.cursor if self.cursor < len(self.groups) else None
+        return self.cursor if self.cursor < self.places else None
 
-    def compose_next(self) -> np.ndarray:
-        """The next global batch as a (world_size * groups_per_batch, K) array of positions."""
+    def compose_next(self) -> None:
+        """Compose the next global batch (positions (world_size * groups_per_batch, K))."""
         s = self.sampler
         per_step = s.groups_per_batch * s.world_size
         quota = int(s.mining_fraction * per_step)
         chosen: list[int] = []
         in_batch: set[int] = set()
         while len(chosen) < per_step:
-            g = self._take_next()
-            if g is None:  # tail: complete from the start of the epoch's order (drop_last=False)
-                g = len(self.composed) * per_step + len(chosen)
-                g = g % len(self.groups)
+            place = self._take_next()
+            if place is None:  # tail: complete from the start of the epoch's order (drop_last=False)
+                place = (self.count * per_step + len(chosen)) % self.places
             else:
-                self.used[g] = True
-            chosen.append(g)
-            c = int(self.group_class[g])
+                self._mark(place)
+            chosen.append(place)
+            c = int(s.layout.label_of(self._identity_at(place)))
             in_batch.add(c)
             if quota and len(chosen) < per_step:
                 for n in s.table.neighbours.get(c, ()):
                     if n in in_batch:
                         continue
-                    h = self._take_of_class(n)
-                    if h is not None:
-                        self.used[h] = True
-                        chosen.append(h)
+                    pulled = self._take_of_class(n)
+                    if pulled is not None:
+                        self._mark(pulled)
+                        chosen.append(pulled)
                         in_batch.add(n)
                         quota -= 1
                         break
-        batch = self.groups[np.array(chosen[:per_step])]
-        self.composed.append(batch)
-        return batch
+        groups = s.epoch_group(self.epoch, np.array(chosen[:per_step]))
+        self.composed[self.count] = s.group_members(self.epoch, groups)[0]
+        self.count += 1
 
-
-class _LazyRankBatches(Sequence):
-    """This rank's batches of an epoch, composed on first access (in order)."""
-
-    def __init__(self, composer: _EpochComposer, length: int, start: int) -> None:
-        self.composer, self.length, self.start = composer, length, start
-
-    def __len__(self) -> int:
-        return self.length - self.start
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            raise TypeError("mining batches are composed in order; index them one by one")
-        index += self.start
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        while len(self.composer.composed) <= index:
-            self.composer.compose_next()
-        s = self.composer.sampler
-        batch = self.composer.composed[index].reshape(s.world_size, s.groups_per_batch * s.samples_per_class)
+    def batch(self, index: int) -> np.ndarray:
+        """This rank's share of global batch ``index`` (composed in order; a few kept behind)."""
+        while self.count <= index:
+            self.compose_next()
+        if index not in self.composed:
+            raise IndexError(f"mining batch {index} was composed and released; read the batches in order")
+        for old in [i for i in self.composed if i < index - _KEEP_BEHIND]:
+            del self.composed[old]
+        s = self.sampler
+        batch = self.composed[index].reshape(s.world_size, s.groups_per_batch * s.samples_per_class)
         return batch[s.rank]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 class MiningBatchSampler(GroupedBatchSampler):
@@ -154,15 +172,9 @@ class MiningBatchSampler(GroupedBatchSampler):
         self.table = table if table is not None else NeighbourTable()
         self.mining_fraction = float(mining_fraction)
 
-    def batches_from(self, epoch: int, start: int = 0) -> Sequence:
-        """This rank's batches of ``epoch`` from batch ``start`` on, composed lazily."""
-        composer = _EpochComposer(self, epoch)
-        return _LazyRankBatches(composer, len(self), start)
-
-    def epoch_batches(self, epoch: int | None = None) -> np.ndarray:
-        """All batches of the epoch with the current table (composes the whole epoch)."""
-        lazy = self.batches_from(self.epoch if epoch is None else epoch)
-        return np.stack(list(lazy))
+    def batches_from(self, epoch: int, start: int = 0) -> LazyRows:
+        """This rank's batches of ``epoch`` from batch ``start`` on, composed in order as they are read."""
+        return LazyRows(len(self), _EpochComposer(self, epoch).batch, start)
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self._resume_from if self._resume_from is not None else 0

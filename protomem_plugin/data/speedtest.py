@@ -47,7 +47,7 @@ class SpeedTestLoader(TrainLoader):
         image = image.div_(127.5).sub_(1.0)
         self.images = image.expand(sampler.batch_size, -1, -1, -1).contiguous().to(self.device)
 
-    def _iterate(self, batches: np.ndarray, flips: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, batches, flips) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images = self.images
         for row in batches:
             yield images, host_to_device(torch.from_numpy(self.rec.labels[row]), self.device)

@@ -296,11 +296,14 @@ class IndexedRecordIO:
             raise FileNotFoundError(f"RecordIO index not found: {self.idx_path} (for {self.rec_path})")
         self._keys = keys
         self._offsets = offsets
-        self._order = np.argsort(keys, kind="stable")
-        self._sorted_keys = keys[self._order]
-        duplicate = np.flatnonzero(np.diff(self._sorted_keys) == 0)
-        if duplicate.size:
-            raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[duplicate[0]])} appears twice")
+        if np.all(keys[1:] > keys[:-1]):  # the usual .idx: keys in increasing order, nothing more to keep
+            self._order, self._sorted_keys = None, keys
+        else:
+            self._order = np.argsort(keys, kind="stable")
+            self._sorted_keys = keys[self._order]
+            duplicate = np.flatnonzero(np.diff(self._sorted_keys) == 0)
+            if duplicate.size:
+                raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[duplicate[0]])} appears twice")
         self._mm: mmap.mmap | None = None
         self._file = None
         self._validate()
@@ -353,8 +356,12 @@ class IndexedRecordIO:
             raise RecordIOError(
                 f"{self.idx_path}: key {int(keys[i])} points into the middle of a split record (cflag {int(cflags[i])})"
             )
-        self._whole = cflags == 0
-        self._lengths = lengths
+
+    def frames(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whole, length) of the records at ``rows``: whether each is stored unsplit, and its first
+        part's length (read from the .rec, nothing per record is kept in memory)."""
+        frame = _gather(np.frombuffer(self._map(), dtype=np.uint8), self._offsets[rows], 8).view("<u4")
+        return (frame[:, 1] >> 29) == 0, (frame[:, 1] & _LEN_MASK).astype(np.int64)
 
     # -- access --------------------------------------------------------------------------------
     @property
@@ -381,7 +388,8 @@ class IndexedRecordIO:
         if len(self._sorted_keys) == 0:
             return np.full(len(keys), -1, dtype=np.int64)
         where = np.searchsorted(self._sorted_keys, keys).clip(0, len(self._sorted_keys) - 1)
-        return np.where(self._sorted_keys[where] == keys, self._order[where], -1)
+        rows = where if self._order is None else self._order[where]
+        return np.where(self._sorted_keys[where] == keys, rows, -1)
 
     def _row(self, key: int) -> int | None:
         row = int(self._rows(np.array([key]))[0])
@@ -428,7 +436,8 @@ class IndexedRecordIO:
         absent = np.flatnonzero(rows < 0)
         if absent.size:
             raise KeyError(f"{self.rec_path}: no record with key {int(keys[absent[0]])}")
-        offsets, lengths, whole = self._offsets[rows], self._lengths[rows], self._whole[rows]
+        offsets = self._offsets[rows]
+        whole, lengths = self.frames(rows)
         fast = whole & (lengths >= _IR_SIZE + 4)
         buf = np.frombuffer(self._map(), dtype=np.uint8)
         if fast.any():
@@ -563,7 +572,8 @@ class InsightFaceRec:
         if absent.size:
             raise RecordIOError(f"{io.idx_path}: identity record key {int(keys[absent[0]])} announced by the header is not indexed")
         ranges = np.zeros((len(keys), 2), dtype=np.int64)
-        fast = io._whole[rows] & (io._lengths[rows] >= _IR_SIZE + 8)
+        whole, lengths = io.frames(rows)
+        fast = whole & (lengths >= _IR_SIZE + 8)
         if fast.any():
             raw = _gather(np.frombuffer(io._map(), dtype=np.uint8), io._offsets[rows[fast]] + 8, _IR_SIZE + 8)
             flags = raw[:, 0:4].copy().view("<u4")[:, 0]

@@ -68,11 +68,15 @@ def test_a_second_invocation_runs_nothing_and_one_run_comes_from_the_cli(quick_g
     assert {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("*.json")} == before
 
     one = ["one", *args, "--regime", "obsolescence", "--head", "partial_fc_0.1", "--lr", "0.1",
-           "--head-lr-scale", "10", "--samples-per-class", "1", "--seed", "5", "--points", "1"]
+           "--head-lr-scale", "10", "--samples-per-class", "1", "--seed", "5", "--points", "1", "--margin", "softmax"]
     assert learning.main(one) == 0
     new = [r for r in cached(root) if r["key"] + ".json" not in before]
     assert len(new) == 1 and new[0]["spec"]["setting"] == {
-        "lr": 0.1, "head_lr_scale": 10.0, "samples_per_class": 1, "memory_factor": 1.0, "prototype_grad": True}
+        "lr": 0.1, "head_lr_scale": 10.0, "samples_per_class": 1, "memory_factor": 1.0, "prototype_grad": True,
+        "margin": "softmax"}
+    spec = bench("learning_grid").spec_from_config(new[0]["spec"])
+    job = bench("learning_run").job_config(root / "job" / "job.py", spec, root / "rec", root / "out", stop=1)
+    assert "config.margin_list = (1.0, 0.0, 0.0)" in job.read_text()  # the margin reaches the job
     path = root / "cache" / f"{new[0]['key']}.json"
     stamp = path.stat().st_mtime_ns
     assert learning.main(one) == 0 and path.stat().st_mtime_ns == stamp  # served from the cache
@@ -104,7 +108,8 @@ def test_the_cache_key_changes_with_every_setting():
     grid = bench("learning_grid")
     base = grid.RunSpec(grid.REGIMES["obsolescence"], "pm", grid.Setting(lr=0.1), seed=1, epochs=16, points=8)
     keys = {base.key()}
-    changed = {"lr": 0.3, "head_lr_scale": 10.0, "samples_per_class": 4, "memory_factor": 2.0, "prototype_grad": False}
+    changed = {"lr": 0.3, "head_lr_scale": 10.0, "samples_per_class": 4, "memory_factor": 2.0, "prototype_grad": False,
+               "margin": "softmax"}
     for name, value in changed.items():
         keys.add(dataclasses.replace(base, setting=dataclasses.replace(base.setting, **{name: value})).key())
     regime_changes = {"name": "other", "num_identities": 1000, "images_per_identity": 8, "degraded_fraction": 0.5,

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--samples-per-class", type=int, default=2)
     one.add_argument("--memory-factor", type=float, default=1.0)
     one.add_argument("--no-prototype-grad", action="store_true")
+    one.add_argument("--margin", choices=sorted(grid.MARGINS), default="cosface",
+                     help="cosface (m=0.35, as every grid run) or softmax (m=0)")
     one.add_argument("--seed", type=int, default=1)
     one.add_argument("--epochs", type=int, default=None, help="default: the regime's schedule")
     one.add_argument("--points", type=int, default=grid.CURVE_POINTS)
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.identities:
             regime = regime.with_identities(args.identities)
         setting = grid.Setting(args.lr, args.head_lr_scale, args.samples_per_class, args.memory_factor,
-                               not args.no_prototype_grad)
+                               not args.no_prototype_grad, args.margin)
         spec = planner.spec(regime, args.head, setting, args.seed, args.epochs, args.points, "one")
         result = planner.result(spec)
         if result is None:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-BENCH_VERSION = 2
+BENCH_VERSION = 3  # 3: batches from the on-demand sampler (keyed permutations)
 
 # what every run shares (part of every cache key)
 TRAINING = dict(network="tiny", embedding_size=64, image_size=32, batch_size=64, margin_list=(1.0, 0.0, 0.35),
@@ -25,6 +25,8 @@ TRAINING = dict(network="tiny", embedding_size=64, image_size=32, batch_size=64,
 # evaluation trees: identities of the training generator (seed 0), far above every training set
 VAL_TREE = dict(first_identity=1_000_000, num_identities=400, templates_per_identity=3, degraded_fraction=0.3)
 TEST_TREE = dict(first_identity=2_000_000, num_identities=400, templates_per_identity=3, degraded_fraction=0.3)
+# margins a setting may pick: CosFace as trained everywhere, and plain normalised softmax (m = 0)
+MARGINS = {"cosface": dict(margin_list=(1.0, 0.0, 0.35)), "softmax": dict(margin_list=(1.0, 0.0, 0.0))}
 QUICK_VAL_TREE = {**VAL_TREE, "num_identities": 16}
 QUICK_TEST_TREE = {**TEST_TREE, "num_identities": 16}
 FAR_TARGETS = (1e-4, 1e-3, 1e-2)
@@ -103,6 +105,7 @@ class Setting:
     samples_per_class: int = 2
     memory_factor: float = 1.0  # memory_size = memory_factor x the columns of Partial FC 0.1
     prototype_grad: bool = True
+    margin: str = "cosface"  # a key of MARGINS
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class RunSpec:
         extra += "" if s.samples_per_class == 2 else f" K{s.samples_per_class}"
         extra += "" if s.memory_factor == 1.0 else f" mem{s.memory_factor:g}"
         extra += "" if s.prototype_grad else " nograd"
+        extra += "" if s.margin == "cosface" else f" {s.margin}"
         return (f"{self.regime.name}/n{self.regime.num_identities} {self.head} lr{s.lr:g}{extra} "
                 f"seed{self.seed} e{self.epochs}")
 

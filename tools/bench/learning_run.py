@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learning_grid import FAR_TARGETS, QUICK_TEST_TREE, QUICK_VAL_TREE, TEST_TREE, TRAINING, VAL_TREE, HEADS, Regime, RunSpec
+from learning_grid import FAR_TARGETS, HEADS, MARGINS, QUICK_TEST_TREE, QUICK_VAL_TREE, TEST_TREE, TRAINING, VAL_TREE, Regime, RunSpec
 
 REPO = Path(__file__).resolve().parents[2]
 AGE_BINS = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 62])
@@ -125,6 +125,7 @@ def job_config(path: Path, spec: RunSpec, rec: Path, output: Path, stop: int) ->
                   head_lr_scale=setting.head_lr_scale, num_epoch=spec.epochs, num_classes=classes, rec=str(rec),
                   output=str(output), seed=spec.seed, frequent=10, verbose=0, val_targets=[], num_workers=0,
                   progress=False, save_every_steps=0, save_all_states=True, stop_at_step=stop)
+    values.update(MARGINS[setting.margin])
     for key, value in HEADS[spec.head].items():
         values[key] = str(rec / "quality.npy") if value == "QUALITY" else value
     if values["head"] != "partial_fc":

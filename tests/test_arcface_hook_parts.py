@@ -61,6 +61,33 @@ def test_with_head_the_registry_head_is_built_and_is_an_instance(head_module):
     assert type(partial) is PartialFC and partial.num_sample == 5
 
 
+def test_a_config_margin_replaces_train_v2s_margin_only_when_one_is_selected(head_module):
+    from protomem_plugin.losses import AdaFaceMarginLoss
+
+    cfg = edict(head="prototype_memory", memory_size=6, samples_per_class=2, batch_size=4, margin="adaface",
+                adaface_m=0.3, margin_scale=32.0)
+    head = install_head(cfg, head_module)(margin(), 8, 10, 1.0, False)
+    assert isinstance(head.margin_loss, AdaFaceMarginLoss)
+    assert head.margin_loss.m == 0.3 and head.margin_loss.s == 32.0
+    given = margin()
+    kept = install_head(edict(head="prototype_memory", memory_size=6), head_module)(given, 8, 10, 1.0, False)
+    assert kept.margin_loss is given  # no margin key: train_v2's CombinedMarginLoss as before
+
+
+def test_adaface_under_the_hook_needs_a_head_and_its_keys_are_used(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text()
+                   + "config.margin = 'adaface'\nconfig.adaface_h = 0.5\nconfig.margin_scale = 32.0\n")
+    cfg = load_hook_config(STANDIN, job)
+    assert "adaface_h" not in unused_keys(cfg) and "margin_scale" not in unused_keys(cfg)
+    job.write_text(job.read_text() + "config.head = None\n")
+    with pytest.raises(ConfigError, match=r"config key 'margin' = 'adaface' .*needs config key 'head'"):
+        load_hook_config(STANDIN, job)
+    job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.margin = 'arcfaceplus'\n")
+    with pytest.raises(ConfigError, match="margin"):
+        load_hook_config(STANDIN, job)
+
+
 def test_subclass_of_the_hooked_name_constructs_normally(head_module):
     cls = install_head(edict(head="prototype_memory"), head_module)
 

@@ -92,3 +92,26 @@ def test_header_datasets_take_their_labels_from_the_identity_records(tmp_path):
     assert rec.labels.tolist() == from_headers.astype(int).tolist()
     assert rec.identity_ranges.tolist() == [[1, 4], [4, 4], [4, 9], [9, 10], [10, 14]]
     assert not os.path.exists(label_cache_paths(str(tmp_path), "train")[0])  # nothing to cache
+
+
+def test_header_keys_beyond_float32_precision_are_resolved_exactly(tmp_path):
+    """2**24 + 2 images: the header's first identity-record key (2**24 + 3) is rounded by float32, and so
+    are the identity records' key ranges; the open finds the exact keys and ranges all the same."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+    from scale import write_index_only_dataset
+
+    from protomem_plugin.data.loader import sampler_layout
+
+    counts = np.array([5, (1 << 23) - 4, 7, (1 << 23) - 6, 2], dtype=np.int64)  # 2**24 + 4 images
+    info = write_index_only_dataset(tmp_path / "big", counts)
+    assert not info["header_exact"] and float(np.float32(info["first_identity_key"])) != info["first_identity_key"]
+    rec = InsightFaceRec(str(tmp_path / "big"))
+    assert len(rec) == counts.sum() and rec.label_source == "image headers"
+    ends = np.cumsum(counts) + 1
+    np.testing.assert_array_equal(rec.identity_ranges, np.stack([np.r_[1, ends[:-1]], ends], axis=1))
+    np.testing.assert_array_equal(np.bincount(rec.labels), counts)
+    layout = sampler_layout(rec)
+    np.testing.assert_array_equal(layout.counts[: len(counts)], counts)

@@ -82,11 +82,11 @@ def test_third_party_head_through_entry_points(tmp_path, monkeypatch):
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: myheads\nVersion: 1.0\n")
     (dist_info / "entry_points.txt").write_text("[protomem_plugin.heads]\ntiny_memory = myheads:TinyMemory\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry._HEADS, "_entry_points_loaded", False)
     try:
         head = registry.build_head(cfg(head="tiny_memory", tiny_flag=True, memory_size=16), MARGIN)
         assert type(head).__name__ == "TinyMemory" and head.tiny_flag and head.memory_size == 16
         assert "tiny_memory" in registry.available_heads()
     finally:
-        registry._HEADS.pop("tiny_memory", None)
+        registry._HEADS.classes.pop("tiny_memory", None)
         sys.modules.pop("myheads", None)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from easydict import EasyDict as edict
 
-from ..registry import get_head_class
+from ..registry import get_head_class, get_margin_class, margin_name
 from ..train.config import (
     ARCFACE_TORCH_KEYS,
     PLUGIN_DEFAULTS,
     ConfigError,
     check_head_keys,
     check_known_keys,
+    check_margin_keys,
     check_values,
     known_keys,
     load_config_file,
@@ -61,7 +62,9 @@ def unused_keys(cfg: edict) -> list[str]:
     """Keys of protomem-train present in ``cfg`` that arcface_torch's train_v2 does not read."""
     used = set(HOOK_KEYS)
     if cfg.get("head"):
-        used |= set(get_head_class(cfg.head).options)
+        used |= set(get_head_class(cfg.head).options) | {"margin"}
+        if margin_name(cfg) != "combined":  # built by the hook from the registry, with margin_scale
+            used |= set(getattr(get_margin_class(margin_name(cfg)), "options", {})) | {"margin_scale"}
     return sorted(k for k in cfg if k in PLUGIN_DEFAULTS and k not in used)
 
 
@@ -86,6 +89,10 @@ def load_hook_config(checkout: Path, config_path: Path) -> edict:
         raise ConfigError(f"config key(s) {missing} missing in {source} (and in {base}); arcface_torch's train_v2 reads them")
     if cfg.get("head"):
         check_head_keys(cfg, source)
+    check_margin_keys(cfg, source)
+    if margin_name(cfg) != "combined" and not cfg.get("head"):
+        raise ConfigError(f"config key 'margin' = {cfg.margin!r} in {source} needs config key 'head': arcface_torch's "
+                          "own PartialFC_V2 calls its margin without the embedding norms this margin reads")
     if cfg.get("doppelganger_mining"):
         raise ConfigError(f"config key 'doppelganger_mining' in {source} needs protomem-train: train_v2 cannot refresh "
                           "the neighbour table from the head; run `protomem-train` with this config instead")

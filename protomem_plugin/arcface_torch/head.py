@@ -14,7 +14,7 @@ import sys
 import types
 from typing import Any, Callable
 
-from ..registry import build_head
+from ..registry import build_head, build_margin, margin_name
 
 __all__ = ["dispatching_class", "install_head"]
 
@@ -39,7 +39,9 @@ def dispatching_class(original: type, cfg: Any) -> type:
             merged = dict(cfg)
             merged.update(embedding_size=call["embedding_size"], num_classes=call["num_classes"],
                           sample_rate=call["sample_rate"], fp16=call["fp16"])
-            head = build_head(merged, call["margin_loss"])
+            # train_v2 always builds CombinedMarginLoss; a config that selects another margin gets that one
+            margin_loss = call["margin_loss"] if margin_name(merged) == "combined" else build_margin(merged)
+            head = build_head(merged, margin_loss)
             built.append(type(head))
             return head
 

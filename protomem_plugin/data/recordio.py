@@ -526,7 +526,7 @@ class InsightFaceRec:
                 self.has_header = True
                 if header.flag < 2:
                     raise RecordIOError(f"{rec_path}: header record (key 0) needs two labels, has {header.flag}")
-                first_id, end_id = int(header.label[0]), int(header.label[1])
+                first_id, end_id = self._exact_header_keys(float(header.label[0]), float(header.label[1]))
                 if not 1 <= first_id <= end_id:
                     raise RecordIOError(f"{rec_path}: header record (key 0) has invalid range {first_id}..{end_id}")
                 self.image_keys = np.arange(1, first_id, dtype=np.int64)
@@ -540,14 +540,15 @@ class InsightFaceRec:
             raise RecordIOError(f"{rec_path}: the dataset holds no images ({len(self.record_io)} records indexed in {idx_path})")
         self.label_source = "image headers"
         if self.identity_ranges is not None:
-            self._check_identity_tiling()
             if int(self.image_keys[-1]) < _FLOAT32_EXACT:
+                self._check_identity_tiling()
                 self.labels = np.repeat(np.arange(len(self.identity_ranges), dtype=np.int64),
                                         self.identity_ranges[:, 1] - self.identity_ranges[:, 0])
                 self.label_source = "identity records"
                 self._spot_check_labels()
-            else:  # float32 key ranges are rounded beyond 2**24: their sizes are not exact
+            else:  # float32 key ranges are rounded beyond 2**24: labels from the images, exact ranges from them
                 self.labels = self._labels_from_headers(rec_name)
+                self.identity_ranges = self._exact_ranges_from_labels(self.identity_ranges)
         else:
             self.labels = self._labels_from_headers(rec_name)
         labels = self.labels
@@ -562,6 +563,54 @@ class InsightFaceRec:
                 )
         else:
             self.num_classes = int(labels.max()) + 1
+
+    def _exact_header_keys(self, first: float, end: float) -> tuple[int, int]:
+        """The header's (first identity-record key, end key), exact: float32 rounds keys beyond 2**24,
+        so there the first identity record (the one whose range starts at key 1) is looked up around
+        the rounded value, and the end is where the indexed keys stop."""
+        first_id, end_id = int(first), int(end)
+        if end_id < _FLOAT32_EXACT:
+            return first_id, end_id
+        io = self.record_io
+        if first_id >= _FLOAT32_EXACT:
+            ulp = int(np.spacing(np.float32(first)))
+            around = np.arange(first_id - ulp, first_id + ulp + 1, dtype=np.int64)
+            around = around[io._rows(around) >= 0]
+            flags, labels = io.read_headers(around)
+            hits = around[(flags >= 2) & (labels == 1.0)]
+            if hits.size == 0:
+                raise RecordIOError(f"{self.rec_path}: header record (key 0) puts the first identity record at key "
+                                    f"{first:.0f} (float32), but no record within {ulp} keys of it holds the range "
+                                    "starting at key 1")
+            first_id = int(hits[0])
+        end_id = first_id + len(io._sorted_keys) - int(np.searchsorted(io._sorted_keys, first_id))
+        if np.float32(end_id) != np.float32(end):
+            raise RecordIOError(f"{self.rec_path}: header record (key 0) says the identity records end at key "
+                                f"{end:.0f} (float32), but {io.idx_path} indexes keys up to {end_id - 1}")
+        return first_id, end_id
+
+    def _exact_ranges_from_labels(self, rounded: np.ndarray) -> np.ndarray:
+        """Exact image-key ranges per identity from the image labels (grouped by identity in key order),
+        checked against the identity records' float32 ranges, which must equal them once rounded."""
+        labels, first_id = self.labels, int(self.image_keys[-1]) + 1
+        bad = np.flatnonzero(labels[1:] < labels[:-1])
+        if bad.size:
+            i = int(bad[0]) + 1
+            raise RecordIOError(f"{self.rec_path}: key {int(self.image_keys[i])} has label {int(labels[i])} after "
+                                f"label {int(labels[i - 1])}: with identity records, images must be grouped by identity")
+        if len(labels) and labels[-1] >= len(rounded):
+            raise RecordIOError(f"{self.rec_path}: label {int(labels[-1])} has no identity record "
+                                f"(keys {first_id}..{first_id + len(rounded) - 1} hold {len(rounded)})")
+        ends = np.cumsum(np.bincount(labels, minlength=len(rounded))) + 1
+        exact = np.stack([np.r_[1, ends[:-1]], ends], axis=1)
+        bad = np.flatnonzero((exact.astype(np.float32) != rounded.astype(np.float32)).any(axis=1))
+        if bad.size:
+            i = int(bad[0])
+            raise RecordIOError(
+                f"{self.rec_path}: identity record key {first_id + i} holds the range {int(rounded[i, 0])}.."
+                f"{int(rounded[i, 1])}, but the labels of the images put identity {i} at keys "
+                f"{int(exact[i, 0])}..{int(exact[i, 1])}")
+        return exact
 
     def _read_identity_ranges(self, first_id: int, end_id: int) -> np.ndarray:
         """(C, 2) key ranges of the identity records ``first_id .. end_id - 1``, read vectorised."""

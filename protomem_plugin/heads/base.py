@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import distributed as D
+from ..losses import bind_norms, embedding_norms, needs_norms
 from .chunked import ColumnSource, chunked_softmax_statistics
 
 MarginLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,6 +27,11 @@ class Head(nn.Module):
     ``{name: (type, default, description)}``; the registry validates them.
     ``needs_identity_groups`` tells loaders (and the arcface_torch hook) that the head learns only
     from batches made of groups of several images per identity.
+
+    ``margin_loss`` is called as arcface_torch calls it, ``margin_loss(logits, labels)``; a margin
+    with ``needs_norms = True`` also gets ``norms=``, the norms of the raw embeddings of the logit
+    rows (the gathered global batch), bound once per forward by :func:`protomem_plugin.losses.bind_norms`
+    (see :meth:`margin_norms`, :meth:`margin_cross_entropy`).
     """
 
     needs_identity_groups: bool = False
@@ -125,22 +131,35 @@ class Head(nn.Module):
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ loss
+    def margin_norms(self, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
+        """Detached norms of the raw ``embeddings`` (the logit rows) if the margin wants them, else ``None``."""
+        return embedding_norms(embeddings) if needs_norms(self.margin_loss) else None
+
     def margin_cross_entropy(
         self, normed: torch.Tensor, source: ColumnSource, targets: torch.Tensor,
-        plain_cosines: Callable[[], torch.Tensor],
+        plain_cosines: Callable[[], torch.Tensor], norms: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Margin loss then the distributed softmax cross-entropy over this shard's columns.
 
         With ``logits_chunk > 0`` the columns described by ``source`` are walked in chunks
         (:mod:`.chunked`); otherwise ``plain_cosines()`` materialises the ``(B, C)`` cosines.
+        ``norms``: :meth:`margin_norms` of the rows, for margins that declare ``needs_norms``; the
+        margin's per-batch state (AdaFace's statistics) is updated here, once per call.
         """
+        margin = bind_norms(self.margin_loss, norms)
         if self.logits_chunk > 0:
             stats = chunked_softmax_statistics(
-                normed, source, self.margin_loss, targets, self.logits_chunk, lambda: self.autocast(normed.device)
+                normed, source, margin, targets, self.logits_chunk, lambda: self.autocast(normed.device)
             )
         else:
-            stats = D.softmax_statistics(self.margin_loss(plain_cosines(), targets), targets)
+            stats = D.softmax_statistics(margin(plain_cosines(), targets), targets)
         return D.cross_entropy_from_statistics(*stats, self.process_group, check_columns=False)
+
+    def replicated_state(self, states: list[dict]) -> dict:
+        """Entries of the margin loss's state (e.g. AdaFace's statistics, the same on every rank)
+        taken from the first of ``states`` (head states of an old run, rank order), for re-sharding."""
+        own = {k for k in self.state_dict() if k.startswith("margin_loss.")}
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in states[0].items() if k in own}
 
     # ------------------------------------------------------------------ diagnostics
     stat_names: tuple[str, ...] = ()
@@ -171,7 +190,11 @@ class Head(nn.Module):
                 out[name] = float(maxes[i])
             elif how == "same":
                 out[name] = float(stats[i])
-        return self.finish_diagnostics(out)
+        out = self.finish_diagnostics(out)
+        margin_diagnostics = getattr(self.margin_loss, "diagnostics", None)
+        if needs_norms(self.margin_loss) and callable(margin_diagnostics):  # e.g. AdaFace's running statistics
+            out.update(margin_diagnostics())
+        return out
 
     def finish_diagnostics(self, raw: dict[str, float]) -> dict[str, float]:
         """Turn reduced sums into the reported figures (means, fractions)."""

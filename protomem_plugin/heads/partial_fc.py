@@ -2,7 +2,8 @@
 
 The baseline head and the registry default. State and shapes follow arcface_torch's
 ``PartialFC_V2`` (parameter ``weight`` of shape ``(num_local, embedding_size)``, contiguous class
-split), so its ``state_dict_softmax_fc`` checkpoints load here.
+split), so its ``state_dict_softmax_fc`` checkpoints load here. The embeddings are gathered, so a
+margin that declares ``needs_norms`` (AdaFace) gets the norms of the global batch on every rank.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class PartialFC(Head):
         if all("last_update_step" in s for s in states):
             state["last_update_step"] = self.shard_rows([s["last_update_step"] for s in states])
             state["step"] = states[0]["step"].clone()
+        state.update(self.replicated_state(states))
         return state
 
     # ------------------------------------------------------------------ forward
@@ -174,7 +176,7 @@ class PartialFC(Head):
 
         source = ColumnSource(self.weight, index=None if every else index, normalize=True)
         normed = F.normalize(embeddings) if self.logits_chunk else embeddings
-        loss = self.margin_cross_entropy(normed, source, targets, plain_cosines)
+        loss = self.margin_cross_entropy(normed, source, targets, plain_cosines, norms=self.margin_norms(embeddings))
         with torch.no_grad():
             ages = self.step - self.last_update_step[index]
             positive_age_sum = torch.where(positive[index], ages, torch.zeros_like(ages)).sum()

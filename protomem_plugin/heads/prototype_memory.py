@@ -5,7 +5,9 @@ Per step (DESIGN.md §2): gather the global batch; for every class c of the batc
 each shard writes the prototypes of the classes it owns (``c mod world_size``) into its slots,
 refreshing a stored class in place or evicting the oldest-written slot (empty slots first); the
 logits are cosines against every occupied slot, the slots written this step carrying gradient into
-their exemplars; then the margin loss and the sharded softmax cross-entropy.
+their exemplars; then the margin loss and the sharded softmax cross-entropy. A margin that
+declares ``needs_norms`` (AdaFace) gets the norms of the gathered global batch, the same on every
+rank, so its batch statistics need no all-reduce.
 
 State is a function of the memory size alone: prototypes, the class of each slot and its write
 step. Finding a class among the slots is a sort plus a binary search over the shard's slots; no
@@ -240,6 +242,7 @@ class PrototypeMemory(Head):
         state["slot_step"].fill_(-1)
         state["slot_step"][:count] = steps[index]
         state["step"] = states[0]["step"].clone()
+        state.update(self.replicated_state(states))
         return state
 
     # ------------------------------------------------------------------ forward
@@ -283,7 +286,8 @@ class PrototypeMemory(Head):
         source = ColumnSource(stored, override_columns=written_columns, override=prototypes,
                               override_in_weight=stored.dtype == prototypes.dtype)
         loss = self.margin_cross_entropy(normed, source, targets,
-                                         lambda: self.cosine_logits(normed, prototypes, stored, written_columns))
+                                         lambda: self.cosine_logits(normed, prototypes, stored, written_columns),
+                                         norms=self.margin_norms(embeddings))
         self.step += 1
         self.record_stats(
             [occupied, self.num_local_slots, plan["owned"], counts["new"], counts["refreshed"], counts["evicted"],

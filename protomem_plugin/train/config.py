@@ -33,8 +33,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "head_options": None,
     "samples_per_class": 2,
     "image_size": 112,
-    "margin_scale": 64.0,
-    "margin_gradient": "straight_through",
+    "margin": "combined",         # margin loss from the margin registry: "combined" (margin_list), "adaface", ...
+    "margin_scale": 64.0,         # s of every margin loss
+    "margin_gradient": "straight_through",  # of the "combined" margin: or "exact"
     "lr_power": 2.0,
     "head_lr_scale": 1.0,         # lr of the head's parameters (class centres) = lr * this; 1.0: arcface_torch
     "clip_grad_norm": 5.0,
@@ -78,9 +79,9 @@ def load_config_file(path: Path) -> edict:
 
 def known_keys() -> set[str]:
     """Every config key the recipe accepts."""
-    from ..registry import head_option_names
+    from ..registry import head_option_names, margin_option_names
 
-    return ARCFACE_TORCH_KEYS | set(PLUGIN_DEFAULTS) | head_option_names()
+    return ARCFACE_TORCH_KEYS | set(PLUGIN_DEFAULTS) | head_option_names() | margin_option_names()
 
 
 def get_config(config_file: str | os.PathLike) -> edict:
@@ -112,6 +113,7 @@ def validate_config(cfg: edict, source: str = "config") -> None:
     if cfg.network not in BACKBONE_NAMES:
         raise ConfigError(f"config key 'network' = {cfg.network!r} in {source} is unknown; valid: {', '.join(BACKBONE_NAMES)}")
     check_head_keys(cfg, source)
+    check_margin_keys(cfg, source)
     check_values(cfg, source)
     resume = cfg.get("resume")
     if not (resume is None or resume == "auto" or (isinstance(resume, int) and resume in (0, 1))):
@@ -137,6 +139,16 @@ def check_head_keys(cfg: edict, source: str) -> None:
     try:
         head_options_from_config(cfg, head)
     except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def check_margin_keys(cfg: edict, source: str) -> None:
+    """The margin ``cfg.margin`` exists, its options are valid and it builds (bad values name their key)."""
+    from ..registry import build_margin
+
+    try:
+        build_margin(cfg)
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: {exc}") from exc
 
 

@@ -40,7 +40,11 @@ def dry_run(cfg: Any) -> dict[str, Any]:
             raise ConfigError(f"network {cfg.network!r} gives embeddings of shape {tuple(out.shape[1:])}, "
                               f"config key 'embedding_size' is {cfg.embedding_size}")
         try:
-            head = build_head(cfg, build_margin_loss(cfg))
+            margin = build_margin_loss(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'margin' = {cfg.get('margin')!r}: the margin does not build: {exc}") from exc
+        try:
+            head = build_head(cfg, margin)
         except Exception as exc:
             raise ConfigError(f"config key 'head' = {cfg.head!r}: the head does not build: {exc}") from exc
     summary.update(backbone_parameters=sum(p.numel() for p in backbone.parameters()), head_state=_count(head),

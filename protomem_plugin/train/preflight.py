@@ -2,8 +2,9 @@
 
 * the output folder can be created (not a file, parent writable);
 * every ``val_targets`` ``.bin`` is a safe, well-formed, non-empty set;
-* a resume checkpoint matches the config: network, embedding size, head, number of classes
-  (Partial FC) and memory size (PM, QAPM). Another world size is fine (the checkpoint is
+* a resume checkpoint matches the config: network, embedding size, head, margin loss (its state,
+  e.g. AdaFace's running statistics, is restored), number of classes (Partial FC) and memory
+  size (PM, QAPM). Another world size is fine (the checkpoint is
   re-sharded); anything else is refused with the key to change, not a tensor-size dump.
 
 Dataset problems (empty or inconsistent ``.rec``/``.idx``/``property``) are refused when the dataset
@@ -87,6 +88,7 @@ def check_resume(cfg: Any, world_size: int, backbone: nn.Module, head: nn.Module
     saved_head = meta.get("head")
     if saved_head is not None and saved_head != cfg.head:
         raise ConfigError(f"config key 'head' = {cfg.head!r} but {where} was trained with {saved_head!r}")
+    check_resumed_margin(cfg, meta, state["state_dict_softmax_fc"], head, where)
     old_world = int(meta.get("world_size", world_size))
     saved_states = [state["state_dict_softmax_fc"]] + [
         load_training_checkpoint(checkpoint_path(output, r), mmap=True)["state_dict_softmax_fc"]
@@ -103,3 +105,17 @@ def check_resume(cfg: Any, world_size: int, backbone: nn.Module, head: nn.Module
         if here[name].dim() == 2 and saved_states[0][name].shape[1] != here[name].shape[1]:
             raise ConfigError(f"config key 'embedding_size' = {cfg.embedding_size} but {where} holds "
                               f"{int(saved_states[0][name].shape[1])}-d head rows")
+
+
+def check_resumed_margin(cfg: Any, meta: dict, saved_head: dict, head: nn.Module, where: str) -> None:
+    """Refuse a checkpoint trained with another margin loss: its name (recorded since margins have a
+    registry; older checkpoints used ``"combined"``) or its state entries differ from this head's."""
+    from ..registry import margin_name
+
+    wanted = margin_name(cfg)
+    saved = meta.get("margin", "combined" if "head" in meta else None)
+    here = {k for k in head.state_dict() if k.startswith("margin_loss.")}
+    there = {k for k in saved_head if k.startswith("margin_loss.")}
+    if (saved is not None and saved != wanted) or here != there:
+        trained = repr(saved) if saved is not None else f"a margin whose state holds {sorted(there) or 'nothing'}"
+        raise ConfigError(f"config key 'margin' = {wanted!r} but {where} was trained with {trained}")

@@ -19,7 +19,7 @@ from ..backbones import get_model
 from ..data.loader import host_to_device
 from ..heads import NonFiniteEmbeddingError
 from ..losses import build_margin_loss
-from ..registry import build_head
+from ..registry import build_head, margin_name
 from .callbacks import TrainingLogger, VerificationCallback, head_diagnostics
 from .checkpoint import (CheckpointWriteError, checkpoint_path, commit_temporary, discard_temporary,
                          remove_stale_temporaries, save_model_pt, stage_training_checkpoint)
@@ -243,7 +243,7 @@ def train(cfg, runtime: Runtime | None = None) -> dict[str, Any]:
         extra = {"protomem": {
             "loader": loader.state_dict(), "rng": capture_rng_state(), "scaler": scaler.state_dict(),
             "world_size": runtime.world_size, "global_batch": cfg.batch_size * runtime.world_size,
-            "nonfinite_total": nonfinite_total, "head": cfg.head,
+            "nonfinite_total": nonfinite_total, "head": cfg.head, "margin": margin_name(cfg),
         }}
         if cfg.doppelganger_mining:
             extra["protomem"]["neighbours"] = {k: torch.from_numpy(v) for k, v in loader.sampler.table.state_dict().items()}

@@ -84,10 +84,15 @@ HEADS = {
     "qapm_soft": dict(head="qapm", quality_source="recognizability_soft"),
     "qapm_hard": dict(head="qapm", quality_source="recognizability_hard"),
     "qapm_oracle": dict(head="qapm", quality_source="external", quality_file="QUALITY"),
+    # AdaFace's margin (m 0.4, h 0.333, t_alpha 0.01; s = margin_scale as every run) instead of CosFace
+    "partial_fc_0.1_adaface": dict(head="partial_fc", sample_rate=0.1, margin="adaface"),
+    "pm_adaface": dict(head="prototype_memory", margin="adaface"),
+    "qapm_norm_adaface": dict(head="qapm", quality_source="norm", margin="adaface"),
 }
 CORE_HEADS = ("pm", "full_softmax", "partial_fc_0.1", "partial_fc_0.3")
 OTHER_HEADS = ("pm_mining", "qapm_norm", "qapm_soft", "qapm_hard", "qapm_oracle")
 QAPM_HEADS = ("qapm_norm", "qapm_soft", "qapm_hard", "qapm_oracle")
+ADAFACE_HEADS = ("partial_fc_0.1_adaface", "pm_adaface", "qapm_norm_adaface")  # quality and long-tail regimes
 SWEEP_HEADS = CORE_HEADS
 
 
@@ -288,6 +293,8 @@ class Planner:
             ("tune", "quality", CORE_HEADS + QAPM_HEADS), ("tune", "longtail", CORE_HEADS),
             ("schedule", "obsolescence", CORE_HEADS), ("sweep", "obsolescence", SWEEP_HEADS),
             ("seeds", "quality", CORE_HEADS + QAPM_HEADS), ("seeds", "longtail", CORE_HEADS),
+            ("tune", "quality", ADAFACE_HEADS), ("tune", "longtail", ADAFACE_HEADS),
+            ("seeds", "quality", ADAFACE_HEADS), ("seeds", "longtail", ADAFACE_HEADS),
             ("tune", "obsolescence", OTHER_HEADS), ("tune", "ordinary", OTHER_HEADS),
             ("tune", "quality", ("pm_mining",)), ("tune", "longtail", OTHER_HEADS),
             ("seeds", "obsolescence", OTHER_HEADS), ("seeds", "ordinary", OTHER_HEADS),

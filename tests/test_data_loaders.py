@@ -274,3 +274,23 @@ def test_dali_aug_changes_exactly_the_images_drawn_for_it(rec_dir, kind):
         if kind == "gray":
             spread = u.amax(1) - u.amin(1)
             assert (spread.flatten(1).amax(1) < 0.05).tolist() == chosen.tolist()
+
+
+def test_a_process_exits_with_its_loader_workers_still_running(rec_dir):
+    """The workers ignore SIGTERM (a process-group SIGTERM is the trainer's to handle), so Python's
+    exit cannot terminate them; arcface_torch's train_v2 returns with the iterator alive. The
+    loader stops them at exit: the process ends instead of waiting for them forever."""
+    import subprocess
+    import sys
+
+    script = f"""
+from protomem_plugin.data import build_train_loader
+loader = build_train_loader({str(rec_dir)!r}, 8, image_size={SIZE}, num_workers=2, seed=0)
+batches = iter(loader)
+next(batches)
+keep = [loader, batches]
+keep.append(keep)  # a cycle: nothing is freed before the interpreter's exit handlers run
+print("trained", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr

@@ -7,7 +7,9 @@ normalises on the target device. Workers only call OpenCV's ``imdecode`` (single
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from typing import Iterator
 
 import cv2
@@ -51,8 +53,16 @@ class RecImageDataset(Dataset):
 
 def _ignore_sigterm(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM to the training process (torchrun and Slurm signal the whole
-    process group; the trainer checkpoints and stops, and the workers end with it)."""
+    process group; the trainer checkpoints and stops, and the workers end with it). Since they ignore
+    it, Python's exit cannot terminate them: :meth:`TorchTrainLoader.close` tells them to stop, and
+    runs at exit for every loader still open."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _close_at_exit(loader_ref: "weakref.ref[TorchTrainLoader]") -> None:
+    loader = loader_ref()
+    if loader is not None:
+        loader.close()
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +124,15 @@ class TorchTrainLoader(TrainLoader):
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
         )
+        # before multiprocessing's own exit handler, which would wait forever for workers ignoring SIGTERM
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the worker processes (the next iteration starts new ones)."""
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
 
     def _iterate(self, batches, flips) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._plan.plan = _LazyPlan(batches, flips)

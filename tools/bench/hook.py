@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def run_one(args, name: str, head: str, nproc: int, seed: int, lr: float, k: int
     if cache.is_file() and not args.force:
         return json.loads(cache.read_text())
     out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # a batch log left by an interrupted run would be appended to
     out.mkdir(parents=True, exist_ok=True)
     num_image = args.identities * args.images_per_identity
     per_rank = args.batch_size // nproc

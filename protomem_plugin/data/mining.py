@@ -17,7 +17,7 @@ of that epoch may differ from an uninterrupted run (every image is still used at
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 

@@ -30,7 +30,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from machine import cpu_name  # noqa: E402

@@ -13,13 +13,18 @@ per chunk and again in the backward), so a margin with per-batch state also defi
 margin call of that step, and uses the returned callable for every call of the step.
 :func:`bind_norms` is that rule. Callables without ``needs_norms`` are called exactly as
 arcface_torch calls them.
+
+A margin that only scales the logits and replaces each row's target logit may say so with
+``target_form() -> TargetForm`` (:class:`CombinedMarginLoss` without interclass filtering, AdaFace's
+per-batch margin): the heads then compute the margin softmax fused, without calling the margin on a
+``(B, C)`` matrix (:mod:`protomem_plugin.heads.fused`), with the values of its own call.
 """
 from __future__ import annotations
 
 import functools
 import math
 import numbers
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -27,6 +32,29 @@ from torch import nn
 from .registry import build_margin, register_margin
 
 GRADIENT_MODES = ("straight_through", "exact")
+
+
+class TargetForm(NamedTuple):
+    """A margin that multiplies every logit by ``scale`` except each row's target, whose logit is
+    ``targets(cos, labels)``: ``(B,)`` target cosines and labels in, ``(B,)`` scaled logits out
+    (differentiable in ``cos``; rows with label ``-1`` give ``scale * cos``).
+
+    Knowing this form, a head computes the margin softmax without materialising the margin's
+    ``(B, C)`` output (:mod:`protomem_plugin.heads.fused`); the values are those of the margin's own call.
+    """
+
+    scale: float
+    targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def target_form(margin_loss: Callable) -> Optional[TargetForm]:
+    """``margin_loss.target_form()`` where the margin defines it (``None``: the margin must be called)."""
+    form = getattr(margin_loss, "target_form", None)
+    return form() if callable(form) else None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @register_margin("combined")
@@ -110,11 +138,23 @@ class CombinedMarginLoss(nn.Module):
         rows = torch.arange(labels.numel(), device=labels.device)
         cols = labels.clamp_min(0)
         cos = logits[rows, cols]
+        # scale first, then write the targets in place: one (B, C) buffer instead of two
+        return (logits * self.s).index_put_((rows, cols), self.scaled_targets(cos, labels))
+
+    def scaled_targets(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled logit of each row's target from its cosine ``cos`` ``(B,)``; ``s * cos`` where the label is -1."""
         target = self.target_logit(cos)
         if self.gradient == "straight_through":
             target = cos + (target - cos).detach()
-        # scale first, then write the targets in place: one (B, C) buffer instead of two
-        return (logits * self.s).index_put_((rows, cols), torch.where(labels >= 0, target, cos) * self.s)
+        return torch.where(labels >= 0, target, cos) * self.s
+
+    def target_form(self) -> Optional[TargetForm]:
+        """:class:`TargetForm` of this margin; ``None`` with interclass filtering (it edits non-target
+        logits), hooks, or a subclass that overrides :meth:`forward`."""
+        if (self.interclass_filtering_threshold > 0 or type(self).forward is not CombinedMarginLoss.forward
+                or _has_hooks(self)):
+            return None
+        return TargetForm(self.s, self.scaled_targets)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "CombinedMarginLoss":
@@ -252,7 +292,7 @@ class AdaFaceMarginLoss(nn.Module):
         if self.training:
             self.update_statistics(norms)
         zhat = self.normalized_norms(norms)
-        return functools.partial(self.apply_margin, g_angle=-self.m * zhat, g_add=self.m * zhat + self.m)
+        return AdaFaceBatch(self, -self.m * zhat, self.m * zhat + self.m)
 
     def target_logit(self, cos: torch.Tensor, g_angle: torch.Tensor, g_add: torch.Tensor) -> torch.Tensor:
         """Unscaled target logit ``cos(clip(theta + g_angle, eps, pi - eps)) - g_add``."""
@@ -270,8 +310,13 @@ class AdaFaceMarginLoss(nn.Module):
         rows = torch.arange(labels.numel(), device=labels.device)
         cols = labels.clamp_min(0)
         cos = logits[rows, cols]
+        return (logits * self.s).index_put_((rows, cols), self.scaled_targets(cos, labels, g_angle, g_add))
+
+    def scaled_targets(self, cos: torch.Tensor, labels: torch.Tensor, g_angle: torch.Tensor,
+                       g_add: torch.Tensor) -> torch.Tensor:
+        """Scaled logit of each row's target from its cosine ``cos`` ``(B,)``; ``s * cos`` where the label is -1."""
         target = self.target_logit(cos, g_angle.to(cos.dtype), g_add.to(cos.dtype))
-        return (logits * self.s).index_put_((rows, cols), torch.where(labels >= 0, target, cos) * self.s)
+        return torch.where(labels >= 0, target, cos) * self.s
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Update the statistics with ``norms`` (training mode) and apply the margin: :meth:`begin_batch` in one call."""
@@ -286,6 +331,30 @@ class AdaFaceMarginLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}, eps={self.eps}"
+
+
+class AdaFaceBatch:
+    """AdaFace's margin for one batch (:meth:`AdaFaceMarginLoss.begin_batch`): a ``(logits, labels)``
+    callable with each row's ``g_angle`` and ``g_add`` fixed."""
+
+    def __init__(self, margin: AdaFaceMarginLoss, g_angle: torch.Tensor, g_add: torch.Tensor) -> None:
+        self.margin, self.g_angle, self.g_add = margin, g_angle, g_add
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.margin.apply_margin(logits, labels, g_angle=self.g_angle, g_add=self.g_add)
+
+    def scaled_targets(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled target logits of the rows (see :meth:`AdaFaceMarginLoss.scaled_targets`)."""
+        if cos.shape[0] != self.g_angle.shape[0]:
+            raise ValueError(f"AdaFace got {cos.shape[0]} logit rows but norms for {self.g_angle.shape[0]} rows")
+        return self.margin.scaled_targets(cos, labels.reshape(-1), self.g_angle, self.g_add)
+
+    def target_form(self) -> Optional[TargetForm]:
+        """:class:`TargetForm` of this batch's margin (``None`` if a subclass changes how it is applied)."""
+        cls = type(self.margin)
+        if cls.apply_margin is not AdaFaceMarginLoss.apply_margin or cls.scaled_targets is not AdaFaceMarginLoss.scaled_targets:
+            return None
+        return TargetForm(self.margin.s, self.scaled_targets)
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

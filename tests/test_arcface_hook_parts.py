@@ -1,4 +1,6 @@
 """The hook's parts in one process: the dispatching PartialFC_V2, config resolution and checks."""
+import math
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -143,3 +145,68 @@ def test_resume_auto_is_refused_by_the_hook_naming_the_key(tmp_path):
     job.write_text((STANDIN / "configs" / "job_pm.py").read_text() + "config.resume = 'auto'\n")
     with pytest.raises(ConfigError, match=r"config key 'resume' = 'auto' .*train_v2 takes True or False"):
         load_hook_config(STANDIN, job)
+
+
+def _load_losses(path: Path):
+    """An arcface_torch ``losses.py`` as the module ``losses`` (the name train_v2 imports it by)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("losses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _margin_calls(theirs, ours, cos, labels):
+    """Both margins' outputs and gradients w.r.t. the cosines (theirs edits its input: given a copy)."""
+    results = []
+    for margin in (theirs, ours):
+        leaf = cos.clone().requires_grad_(True)
+        out = margin(leaf * 1.0, labels)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), leaf)
+        results.append((out.detach(), grad))
+    return results
+
+
+def test_the_hook_runs_train_v2s_margin_as_the_projects_fusable_margin(head_module):
+    from protomem_plugin.losses import target_form
+
+    theirs = _load_losses(STANDIN / "losses.py").CombinedMarginLoss(64, 1.0, 0.0, 0.4)
+    cfg = edict(head="prototype_memory", memory_size=6, samples_per_class=2, batch_size=4)
+    head = install_head(cfg, head_module)(theirs, 8, 10, 1.0, False)
+    assert type(head.margin_loss) is CombinedMarginLoss and target_form(head.margin_loss) is not None
+    assert (head.margin_loss.s, head.margin_loss.m1, head.margin_loss.m2, head.margin_loss.m3) == (64, 1, 0, 0.4)
+    cos = torch.rand(6, 10, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([0, 3, -1, 9, 1, 2])
+    (a, ga), (b, gb) = _margin_calls(theirs, head.margin_loss, cos, labels)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+    class Theirs(type(theirs)):  # a user's subclass keeps its own behaviour
+        pass
+
+    own = Theirs(64, 1.0, 0.0, 0.4)
+    assert install_head(cfg, head_module)(own, 8, 10, 1.0, False).margin_loss is own
+
+
+PEER = os.environ.get("ARCFACE_TORCH_ROOT")
+
+
+@pytest.mark.skipif(not PEER, reason="ARCFACE_TORCH_ROOT does not point to an arcface_torch checkout")
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 0.3, 0.0)])
+def test_the_projects_margin_equals_the_real_combined_margin_loss(margins):
+    from protomem_plugin.arcface_torch.head import equivalent_margin
+
+    theirs = _load_losses(Path(PEER) / "losses.py").CombinedMarginLoss(64, *margins)
+    ours = equivalent_margin(theirs)
+    assert type(ours) is CombinedMarginLoss
+    g = torch.Generator().manual_seed(1)
+    m2 = margins[1]
+    # every target angle below pi - m2, where both margins are cos(theta + m2) - m3
+    cos = (torch.rand(64, 40, generator=g, dtype=torch.float64) * 2 - 1) * 0.999
+    labels = torch.randint(0, 40, (64,), generator=g)
+    labels[::7] = -1
+    cos[torch.arange(64), labels.clamp_min(0)] = cos[torch.arange(64), labels.clamp_min(0)].clamp_min(math.cos(math.pi - m2) + 1e-3)
+    (a, ga), (b, gb) = _margin_calls(theirs, ours, cos, labels)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)

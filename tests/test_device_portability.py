@@ -3,8 +3,8 @@ embeddings' device, low-precision storage without copies, fp16-safe chunked grad
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dispatch_probe import LargeOutputs
 from protomem_plugin import distributed as D
 from protomem_plugin.heads import PartialFC, PrototypeMemory
 from protomem_plugin.heads import prototype_memory as pm_module
@@ -64,22 +64,6 @@ def test_labels_from_the_host_move_to_the_embeddings_device(head):
 
 
 # ----------------------------------------------------------------------------- low-precision storage
-class LargeCopies(TorchDispatchMode):
-    """Records op outputs at least ``numel`` large that do not share the storage of ``keep``."""
-
-    def __init__(self, numel, keep):
-        super().__init__()
-        self.numel, self.keep, self.found = numel, keep, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
-                if t.untyped_storage().data_ptr() != self.keep.untyped_storage().data_ptr():
-                    self.found.append((str(func), tuple(t.shape), t.dtype))
-        return out
-
-
 @pytest.mark.parametrize("memory_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("full", [False, True])
 def test_low_precision_memory_is_never_copied_whole_under_fp16(monkeypatch, memory_dtype, full):
@@ -92,7 +76,7 @@ def test_low_precision_memory_is_never_copied_whole_under_fp16(monkeypatch, memo
     head.write_prototypes(classes, F.normalize(torch.randn(fill, dim, generator=g), dim=1))
     x = torch.randn(16, dim, generator=g).requires_grad_(True)
     labels = torch.arange(50_000, 50_008).repeat_interleave(2)
-    probe = LargeCopies(numel=fill * dim // 2, keep=head.memory)
+    probe = LargeOutputs(numel=fill * dim // 2, keep=head.memory)
     with probe:
         head(x, labels).backward()
     assert probe.found == []

@@ -14,15 +14,37 @@ import sys
 import types
 from typing import Any, Callable
 
+import torch
+
+from ..losses import CombinedMarginLoss
 from ..registry import build_head, build_margin, margin_name
 
-__all__ = ["dispatching_class", "install_head"]
+__all__ = ["dispatching_class", "equivalent_margin", "install_head"]
 
 
 def _arcface_call(margin_loss: Callable, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                   fp16: bool = False) -> dict[str, Any]:
     return dict(margin_loss=margin_loss, embedding_size=embedding_size, num_classes=num_classes,
                 sample_rate=sample_rate, fp16=fp16)
+
+
+def equivalent_margin(margin_loss: Callable) -> Callable:
+    """arcface_torch's own ``losses.CombinedMarginLoss`` as the project's margin of the same
+    ``s, m1, m2, m3`` and filtering threshold, which a head can run fused
+    (:mod:`protomem_plugin.heads.fused`): the same values and gradients (straight-through), except
+    for ArcFace targets beyond ``theta = pi - m2``, where arcface_torch's ``cos(theta + m2)`` turns
+    back up and the project's target keeps decreasing (see :class:`~protomem_plugin.losses.CombinedMarginLoss`).
+    Any other callable (a subclass, the user's own margin) is returned as it is."""
+    cls = type(margin_loss)
+    if cls.__module__ != "losses" or cls.__qualname__ != "CombinedMarginLoss":
+        return margin_loss
+    if isinstance(margin_loss, torch.nn.Module) and (margin_loss._forward_hooks or margin_loss._forward_pre_hooks):
+        return margin_loss
+    try:
+        values = [float(getattr(margin_loss, key)) for key in ("s", "m1", "m2", "m3", "interclass_filtering_threshold")]
+    except (AttributeError, TypeError, ValueError):
+        return margin_loss
+    return CombinedMarginLoss(*values)
 
 
 def dispatching_class(original: type, cfg: Any) -> type:
@@ -41,6 +63,7 @@ def dispatching_class(original: type, cfg: Any) -> type:
                           sample_rate=call["sample_rate"], fp16=call["fp16"])
             # train_v2 always builds CombinedMarginLoss; a config that selects another margin gets that one
             margin_loss = call["margin_loss"] if margin_name(merged) == "combined" else build_margin(merged)
+            margin_loss = equivalent_margin(margin_loss)
             head = build_head(merged, margin_loss)
             built.append(type(head))
             return head

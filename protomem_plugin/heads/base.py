@@ -10,6 +10,7 @@ from torch import nn
 from .. import distributed as D
 from ..losses import bind_norms, embedding_norms, needs_norms
 from .chunked import ColumnSource, chunked_softmax_statistics
+from .fused import Workspace, default_block, fused_form, fused_softmax_statistics
 
 MarginLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,6 +70,7 @@ class Head(nn.Module):
         self.logits_chunk = int(logits_chunk)
         self.rank, self.world_size = D.rank_and_world_size(process_group)
         self._last_stats: Optional[torch.Tensor] = None
+        self.workspace = Workspace()  # scratch memory of the fused margin softmax, reused across steps
 
     # ------------------------------------------------------------------ inputs
     def check_local_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,13 +143,22 @@ class Head(nn.Module):
     ) -> torch.Tensor:
         """Margin loss then the distributed softmax cross-entropy over this shard's columns.
 
-        With ``logits_chunk > 0`` the columns described by ``source`` are walked in chunks
-        (:mod:`.chunked`); otherwise ``plain_cosines()`` materialises the ``(B, C)`` cosines.
+        A margin with a target form (:func:`protomem_plugin.losses.target_form`) over columns that
+        need no gradient themselves runs fused in column blocks (:mod:`.fused`; blocks of at most
+        ``logits_chunk`` columns when set). Otherwise, with ``logits_chunk > 0`` the columns described
+        by ``source`` are walked in chunks (:mod:`.chunked`), and without it ``plain_cosines()``
+        materialises the ``(B, C)`` cosines.
         ``norms``: :meth:`margin_norms` of the rows, for margins that declare ``needs_norms``; the
         margin's per-batch state (AdaFace's statistics) is updated here, once per call.
         """
         margin = bind_norms(self.margin_loss, norms)
-        if self.logits_chunk > 0:
+        form = fused_form(margin, normed, source, self.fp16)
+        if form is not None:
+            block = default_block(normed.shape[0], normed.device)
+            if self.logits_chunk > 0:
+                block = min(block, self.logits_chunk)
+            stats = fused_softmax_statistics(normed, source, form, margin, targets, block, self.workspace)
+        elif self.logits_chunk > 0:
             stats = chunked_softmax_statistics(
                 normed, source, margin, targets, self.logits_chunk, lambda: self.autocast(normed.device)
             )

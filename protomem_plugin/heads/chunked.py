@@ -196,10 +196,7 @@ class _ChunkedStatistics(torch.autograd.Function):
         normed, weight, override, target, row_max, weighted_grad, target_grad = ctx.saved_tensors
         need_normed, need_weight, need_override = ctx.needs_input_grad[:3]
         need_override = need_override and ctx.has_override
-        if grad_sum_exp is None:
-            grad_sum_exp = torch.zeros_like(row_max)
-        if grad_target is None:
-            grad_target = torch.zeros_like(row_max)
+        grad_sum_exp, grad_target = upstream_or_zeros(row_max, grad_sum_exp, grad_target)
         grad_normed = grad_weight = grad_override = None
         if need_normed:
             grad_normed = grad_sum_exp.unsqueeze(1) * weighted_grad + grad_target.unsqueeze(1) * target_grad
@@ -210,6 +207,11 @@ class _ChunkedStatistics(torch.autograd.Function):
         elif need_override:
             grad_override = _override_gradient(ctx, normed, override, target, row_max, grad_sum_exp, grad_target)
         return grad_normed, grad_weight, grad_override, None, None, None, None, None
+
+
+def upstream_or_zeros(like: torch.Tensor, *grads: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The backward's upstream gradients of ``(B,)`` outputs, zeros for the ones autograd left ``None``."""
+    return tuple(torch.zeros_like(like) if g is None else g for g in grads)
 
 
 def _upstream(logits, chunk_target, row_max, grad_sum_exp, grad_target):

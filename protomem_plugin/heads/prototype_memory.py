@@ -38,27 +38,36 @@ class NonFinitePrototypeError(ValueError):
 
 
 class _StoredCosines(torch.autograd.Function):
-    """``normed @ stored.T`` for a low-precision ``stored`` (no gradient), widened in row blocks."""
+    """``normed @ stored[index].T`` (no gradient into ``stored``) in row blocks: a low-precision
+    ``stored`` is widened, and ``index`` (all rows when ``None``) gathered, one block at a time."""
 
     BLOCK = 65536
 
     @staticmethod
-    def forward(ctx, normed: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = torch.empty(normed.shape[0], stored.shape[0], dtype=normed.dtype, device=normed.device)
-        for start in range(0, stored.shape[0], _StoredCosines.BLOCK):
-            block = stored[start : start + _StoredCosines.BLOCK].to(normed.dtype)
-            torch.mm(normed, block.t(), out=out[:, start : start + block.shape[0]])
-        ctx.save_for_backward(stored)
+    def _blocks(stored: torch.Tensor, index: Optional[torch.Tensor], dtype: torch.dtype):
+        count = stored.shape[0] if index is None else index.numel()
+        for start in range(0, count, _StoredCosines.BLOCK):
+            stop = min(start + _StoredCosines.BLOCK, count)
+            rows = stored[start:stop] if index is None else stored[index[start:stop]]
+            yield start, stop, rows.to(dtype)
+
+    @staticmethod
+    def forward(ctx, normed: torch.Tensor, stored: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        count = stored.shape[0] if index is None else index.numel()
+        out = torch.empty(normed.shape[0], count, dtype=normed.dtype, device=normed.device)
+        for start, stop, block in _StoredCosines._blocks(stored, index, normed.dtype):
+            torch.mm(normed, block.t(), out=out[:, start:stop])
+        ctx.save_for_backward(stored, index if index is not None else torch.empty(0, dtype=torch.int64))
+        ctx.has_index = index is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (stored,) = ctx.saved_tensors
+        stored, index = ctx.saved_tensors
         out = torch.zeros(grad.shape[0], stored.shape[1], dtype=grad.dtype, device=grad.device)
-        for start in range(0, stored.shape[0], _StoredCosines.BLOCK):
-            block = stored[start : start + _StoredCosines.BLOCK].to(grad.dtype)
-            out.addmm_(grad[:, start : start + block.shape[0]], block)
-        return out, None
+        for start, stop, block in _StoredCosines._blocks(stored, index if ctx.has_index else None, grad.dtype):
+            out.addmm_(grad[:, start:stop], block)
+        return out, None, None
 
 
 def batch_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,18 +285,19 @@ class PrototypeMemory(Head):
         if plan["prefix"]:  # slots fill in index order: the occupied ones are a prefix, columns = slots
             stored, occupied_index, written_columns = self.memory[:occupied], None, slots
             ages = self.step - self.slot_step[:occupied]
-        else:  # a state loaded with gaps between occupied slots
+        else:  # a state loaded with gaps between occupied slots: the columns read the slots through an index
             occupied_index, written_columns, ages = self.occupied_columns(slots)
-            stored = self.memory if occupied_index is None else self.memory[occupied_index]
+            stored = self.memory
 
         group_column = torch.full_like(classes, -1).index_put((owned_rows,), written_columns)
         targets = group_column[group_index]
         # the memory holds this step's prototypes bit for bit when it stores their dtype
-        source = ColumnSource(stored, override_columns=written_columns, override=prototypes,
+        source = ColumnSource(stored, index=occupied_index, override_columns=written_columns, override=prototypes,
                               override_in_weight=stored.dtype == prototypes.dtype)
-        loss = self.margin_cross_entropy(normed, source, targets,
-                                         lambda: self.cosine_logits(normed, prototypes, stored, written_columns),
-                                         norms=self.margin_norms(embeddings))
+        loss = self.margin_cross_entropy(
+            normed, source, targets,
+            lambda: self.cosine_logits(normed, prototypes, stored, written_columns, occupied_index),
+            norms=self.margin_norms(embeddings))
         self.step += 1
         self.record_stats(
             [occupied, self.num_local_slots, plan["owned"], counts["new"], counts["refreshed"], counts["evicted"],
@@ -383,18 +393,23 @@ class PrototypeMemory(Head):
 
     def cosine_logits(
         self, normed: torch.Tensor, prototypes: torch.Tensor, stored: torch.Tensor, written_columns: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``(B, C)`` cosines against the ``stored`` rows; the written columns use the attached ``prototypes``.
+        """``(B, C)`` cosines against the ``stored`` rows (rows ``index`` when given); the written
+        columns use the attached ``prototypes``.
 
         The stored rows are never copied whole: a matmul reads them in their own dtype when it is the
-        compute dtype, else :class:`_StoredCosines` widens them block by block.
+        compute dtype, else :class:`_StoredCosines` widens (or gathers) them block by block.
         """
         compute = normed.dtype
         if self.fp16:  # the autocast dtype of the head
             compute = torch.float16 if normed.device.type == "cuda" else torch.bfloat16
         x = normed.to(compute)
         with torch.autocast(normed.device.type, enabled=False):
-            logits = x @ stored.t() if stored.dtype == compute else _StoredCosines.apply(x, stored)
+            if stored.dtype == compute and index is None:
+                logits = x @ stored.t()
+            else:
+                logits = _StoredCosines.apply(x, stored, index)
             fresh = x @ prototypes.to(compute).t()
         out_dtype = torch.float64 if normed.dtype == torch.float64 else torch.float32
         logits = logits.to(out_dtype)

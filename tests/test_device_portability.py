@@ -64,12 +64,18 @@ def test_labels_from_the_host_move_to_the_embeddings_device(head):
 
 
 # ----------------------------------------------------------------------------- low-precision storage
+@pytest.mark.parametrize("path", ["fused", "composed"])
 @pytest.mark.parametrize("memory_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("full", [False, True])
-def test_low_precision_memory_is_never_copied_whole_under_fp16(monkeypatch, memory_dtype, full):
+def test_low_precision_memory_is_never_copied_whole_under_fp16(monkeypatch, memory_dtype, full, path):
     monkeypatch.setattr(pm_module._StoredCosines, "BLOCK", 256)  # blocks well below the memory size
     slots, dim = 2048, 64  # the (batch, slots) logits stay below the probe size
-    head = PrototypeMemory(ARC, dim, 100_000, memory_size=slots, memory_dtype=memory_dtype, fp16=True)
+    if path == "fused":  # the head's block bound: 256 columns at a time
+        margin, chunk = ARC, 256
+    else:  # a plain callable has no target form: the logits are composed, the memory read by _StoredCosines
+        margin, chunk = (lambda logits, labels: ARC(logits, labels)), 0
+    head = PrototypeMemory(margin, dim, 100_000, memory_size=slots, memory_dtype=memory_dtype, fp16=True,
+                           logits_chunk=chunk)
     g = torch.Generator().manual_seed(0)
     fill = slots if full else slots // 2
     classes = torch.arange(fill)
@@ -80,6 +86,7 @@ def test_low_precision_memory_is_never_copied_whole_under_fp16(monkeypatch, memo
     with probe:
         head(x, labels).backward()
     assert probe.found == []
+    assert (head.workspace.nbytes > 0) == (path == "fused")
 
 
 # ----------------------------------------------------------------------------- chunked fp16 gradients

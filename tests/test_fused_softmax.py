@@ -92,7 +92,7 @@ def test_statistics_and_gradients_equal_the_autograd_composition(name, block, ca
     margin = margins()[name]
     normed, weight, target, written, protos = problem(3, override=case == "override", stretch=case == "stretch")
     source = ColumnSource(weight, override_columns=written, override=protos, override_in_weight=True)
-    form = fused_form(margin, normed, source, autocast=False)
+    form = fused_form(margin, normed, source)
     assert form is not None
     fused = fused_softmax_statistics(normed, source, form, margin, target, block)
     ref = reference_statistics(normed, source, margin, target)
@@ -118,7 +118,7 @@ def test_low_precision_weight_and_index_sources_equal_the_composition():
     big[index] = stored
     for source in (ColumnSource(stored, override_columns=written, override=protos),
                    ColumnSource(big, index=index, override_columns=written, override=protos)):
-        form = fused_form(margin, normed, source, autocast=False)
+        form = fused_form(margin, normed, source)
         assert_fused_equals_reference(normed, source, form, margin, target, 7, [normed, protos])
 
 
@@ -128,7 +128,7 @@ def test_adaface_batch_fuses_and_equals_its_call():
     norms = torch.linspace(5, 40, normed.shape[0], dtype=torch.float64)
     batch = bind_norms(margin, norms)
     source = ColumnSource(weight, override_columns=written, override=protos, override_in_weight=True)
-    form = fused_form(batch, normed, source, autocast=False)
+    form = fused_form(batch, normed, source)
     assert form is not None and form.scale == 16.0
     assert_fused_equals_reference(normed, source, form, batch, target, 5, [normed, protos])
 
@@ -155,12 +155,11 @@ def test_target_form_only_where_the_margin_is_scale_plus_target():
     source = ColumnSource(torch.randn(5, 3))
     x = torch.randn(4, 3)
     margin = CombinedMarginLoss(64, 1, 0.5, 0)
-    assert fused_form(margin, x, source, autocast=False) is not None
-    assert fused_form(margin, x, source, autocast=True) is None  # fp16 keeps the composed path
-    assert fused_form(margin, x.half(), source, autocast=False) is None
-    assert fused_form(margin, x, ColumnSource(torch.randn(5, 3), normalize=True), autocast=False) is None
-    assert fused_form(margin, x, ColumnSource(torch.randn(5, 3, requires_grad=True)), autocast=False) is None
-    assert fused_form(CombinedMarginLoss(-1.0, 1, 0.5, 0), x, source, autocast=False) is None
+    assert fused_form(margin, x, source) is not None
+    assert fused_form(margin, x.half(), source) is None
+    assert fused_form(margin, x, ColumnSource(torch.randn(5, 3), normalize=True)) is None
+    assert fused_form(margin, x, ColumnSource(torch.randn(5, 3, requires_grad=True))) is None
+    assert fused_form(CombinedMarginLoss(-1.0, 1, 0.5, 0), x, source) is None
 
 
 @pytest.mark.parametrize("name", ["arcface", "combined_exact"])
@@ -354,8 +353,74 @@ def test_fused_statistics_never_wait_for_the_device():
     margin = margins()["arcface_exact"]
     normed, weight, target, written, protos = problem(11, columns=40, stretch=True)
     source = ColumnSource(weight.to(torch.bfloat16), override_columns=written, override=protos)  # every branch
-    form = fused_form(margin, normed, source, autocast=False)
+    form = fused_form(margin, normed, source)
     with HostSyncCounter() as syncs:
         stats = fused_softmax_statistics(normed, source, form, margin, target, 6)
         D.cross_entropy_from_statistics(*stats, check_columns=False).backward()
     assert syncs.total == 0, syncs.counts
+
+
+# ----------------------------------------------------------------------------- fp16 (autocast) heads
+def _fp16_run(margin, fp16, dtype=torch.float32, **options):
+    torch.manual_seed(0)
+    head = PrototypeMemory(margin, DIM, CLASSES, memory_size=SLOTS, fp16=fp16, **options).to(dtype)
+    losses, grads = [], []
+    for x, y in batches():
+        xl = x.to(dtype).clone().requires_grad_(True)
+        loss = head(xl, y)
+        loss.backward()
+        losses.append(loss.detach().double())
+        grads.append(xl.grad.double())
+    return head, losses, grads
+
+
+@pytest.mark.parametrize("memory_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_fp16_heads_fuse_with_low_precision_products_as_close_to_float64_as_the_composed_path(name, memory_dtype):
+    margin = margins()[name]
+    _, ref_losses, ref_grads = _fp16_run(margin, False, torch.float64)
+    head, losses, grads = _fp16_run(margin, True, memory_dtype=memory_dtype)
+    _, composed_losses, composed_grads = _fp16_run(Hidden(margin), True, memory_dtype=memory_dtype)
+    _, fp32_losses, fp32_grads = _fp16_run(margin, False, memory_dtype=memory_dtype)
+    assert head.workspace.nbytes > 0, "the fp16 head took the fused path"
+    for step in range(STEPS):  # the same bfloat16 logits, so the same loss
+        torch.testing.assert_close(losses[step], composed_losses[step], rtol=1e-6, atol=1e-6)
+    fused_error = max((g - r).abs().max().item() for g, r in zip(grads, ref_grads))
+    composed_error = max((g - r).abs().max().item() for g, r in zip(composed_grads, ref_grads))
+    low_precision = max((g - r).abs().max().item() for g, r in zip(grads, fp32_grads))
+    scale = max(r.abs().max().item() for r in ref_grads)
+    assert fused_error <= 2 * composed_error and fused_error < 0.05 * scale, (fused_error, composed_error, scale)
+    assert low_precision > 1e-5, "the products ran in bfloat16"
+
+
+def test_fp16_fused_head_never_makes_a_batch_by_memory_tensor():
+    margin = margins()["cosface"]
+    torch.manual_seed(0)
+    head = PrototypeMemory(margin, DIM, 10_000, memory_size=4096, fp16=True, logits_chunk=64)
+    head.write_prototypes(torch.arange(4096), F.normalize(torch.randn(4096, DIM), dim=1))
+    x, y = batches()[0]
+    x = x.float().requires_grad_(True)
+    probe = LargeOutputs(numel=x.shape[0] * 4096 // 2, keep=head.memory)
+    with probe:
+        head(x, y + 5000).backward()
+    assert probe.found == [] and head.workspace.nbytes > 0
+
+
+def test_float16_products_take_at_most_32768_columns_so_their_sums_stay_finite():
+    columns = 70_000  # every column the same unit vector: a float16 sum over all of them would be 70000
+    weight = torch.zeros(columns, 4)
+    weight[:, 0] = 1.0
+    normed = torch.zeros(2, 4)
+    normed[:, 0] = 1.0
+    normed.requires_grad_(True)
+    source = ColumnSource(weight)
+    margin = CombinedMarginLoss(1.0, 1.0, 0.0, 0.0)
+    form = fused_form(margin, normed, source)
+    target = torch.tensor([0, 5])
+    half = fused_softmax_statistics(normed, source, form, margin, target, 1 << 20, Workspace(),
+                                    lambda: torch.autocast("cpu", dtype=torch.float16))
+    plain = fused_softmax_statistics(normed, source, form, margin, target, 1 << 20)
+    (got,) = torch.autograd.grad(D.cross_entropy_from_statistics(*half), normed)
+    (want,) = torch.autograd.grad(D.cross_entropy_from_statistics(*plain), normed)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)

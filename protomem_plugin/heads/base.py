@@ -152,12 +152,13 @@ class Head(nn.Module):
         margin's per-batch state (AdaFace's statistics) is updated here, once per call.
         """
         margin = bind_norms(self.margin_loss, norms)
-        form = fused_form(margin, normed, source, self.fp16)
+        form = fused_form(margin, normed, source)
         if form is not None:
             block = default_block(normed.shape[0], normed.device)
             if self.logits_chunk > 0:
                 block = min(block, self.logits_chunk)
-            stats = fused_softmax_statistics(normed, source, form, margin, targets, block, self.workspace)
+            stats = fused_softmax_statistics(normed, source, form, margin, targets, block, self.workspace,
+                                             lambda: self.autocast(normed.device))
         elif self.logits_chunk > 0:
             stats = chunked_softmax_statistics(
                 normed, source, margin, targets, self.logits_chunk, lambda: self.autocast(normed.device)

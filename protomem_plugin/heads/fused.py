@@ -21,18 +21,21 @@ and derivatives are those of the margin. Entries whose cosine was clamped get no
 Only the weight rows of the overriding columns (Prototype Memory's freshly written prototypes)
 receive a gradient, recomputed in the backward over those columns alone. The columns must come
 from a weight that needs no gradient and is not normalised on the fly (Prototype Memory and QAPM;
-Partial FC keeps the paths of :mod:`.chunked` and the materialised logits), in float32 or float64
-without autocast (``fp16`` heads keep those paths too).
+Partial FC keeps the paths of :mod:`.chunked` and the materialised logits), with float32 or float64
+embeddings. Under an autocast context (``fp16`` heads) both matrix products run in the autocast dtype
+(as the composed path's products do) and everything else in float32; the second product takes the
+block's ``exp`` values, which are in ``[0, 1]``, and a float16 block has at most
+:data:`~.chunked.LOW_PRECISION_PRODUCT_COLUMNS` columns, so its sums cannot overflow.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from ..losses import TargetForm, target_form
-from .chunked import ColumnSource, MarginLoss, _override_gradient, upstream_or_zeros
+from .chunked import LOW_PRECISION_PRODUCT_COLUMNS, ColumnSource, MarginLoss, _override_gradient, upstream_or_zeros
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20  # logits per block on the CPU (4 MiB in float32): the block stays in cache
 DEVICE_BLOCK_ELEMENTS = 1 << 25  # on accelerators, where kernel launches rather than caches set the size
@@ -72,10 +75,9 @@ class Workspace:
         return Workspace()
 
 
-def fused_form(margin_loss: MarginLoss, normed: torch.Tensor, source: ColumnSource,
-               autocast: bool) -> Optional[TargetForm]:
+def fused_form(margin_loss: MarginLoss, normed: torch.Tensor, source: ColumnSource) -> Optional[TargetForm]:
     """The margin's target form when the fused path applies to these inputs, else ``None``."""
-    if autocast or normed.dtype not in (torch.float32, torch.float64) or source.normalize:
+    if normed.dtype not in (torch.float32, torch.float64) or source.normalize:
         return None
     if source.num_columns == 0 or source.weight.requires_grad or not source.weight.is_floating_point():
         return None
@@ -116,29 +118,52 @@ def _block_vectors(source: ColumnSource, weight: torch.Tensor, override: Optiona
     return out[:width]
 
 
+def _autocast_dtype(autocast: Callable[[], ContextManager], device: torch.device,
+                    dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype that ``autocast()`` gives matrix products on ``device``, or ``None`` when it is ``dtype``."""
+    with autocast():
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        low = torch.get_autocast_dtype(device.type)
+    return None if low == dtype else low
+
+
 class _FusedStatistics(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, normed, weight, override, source, form, margin_loss, target, block, workspace):  # type: ignore[override]
+    def forward(ctx, normed, weight, override, source, form, margin_loss, target, block, workspace, autocast):  # type: ignore[override]
         rows, dim = normed.shape
         dtype, device = normed.dtype, normed.device
         scale = float(form.scale)
         need_x = ctx.needs_input_grad[0]
         x = normed.detach().contiguous()
+        low = _autocast_dtype(autocast, device, dtype)  # the dtype of the two matrix products, if not dtype
+        if low == torch.float16:
+            block = min(block, LOW_PRECISION_PRODUCT_COLUMNS)
+        width_max = min(block, source.num_columns)
+        if low is not None:
+            x_low = x.to(low)
+            raw_low_buf = workspace.get("logits_low", rows * width_max, low, device)
+            if need_x:
+                exp_low_buf = workspace.get("exp_low", rows * width_max, low, device)
+                product_low = workspace.get("product_low", rows * dim, low, device).view(rows, dim)
         weight = weight.detach()
         override_values = override.detach() if override is not None else None
         row_max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)  # of the non-target logits
         sum_exp = torch.zeros(rows, dtype=dtype, device=device)
         raw_target = torch.zeros(rows, dtype=dtype, device=device)
         weighted = torch.zeros(rows, dim, dtype=dtype, device=device) if need_x else None
-        raw_buf = workspace.get("logits", rows * min(block, source.num_columns), dtype, device)
-        clamped_buf = workspace.get("clamped", rows * min(block, source.num_columns), dtype, device)
+        raw_buf = workspace.get("logits", rows * width_max, dtype, device)
+        clamped_buf = workspace.get("clamped", rows * width_max, dtype, device)
         minus_inf = torch.full((rows, 1), float("-inf"), dtype=dtype, device=device)
         for start, stop in source.split(block):
             width = stop - start
-            w = _block_vectors(source, weight, override_values, start, stop, dtype, workspace)
+            w = _block_vectors(source, weight, override_values, start, stop, low or dtype, workspace)
             raw = raw_buf[: rows * width].view(rows, width)
             logits = clamped_buf[: rows * width].view(rows, width)
-            torch.mm(x, w.t(), out=raw)
+            if low is None:
+                torch.mm(x, w.t(), out=raw)
+            else:
+                raw.copy_(torch.mm(x_low, w.t(), out=raw_low_buf[: rows * width].view(rows, width)))
             inside = ((target >= start) & (target < stop)).unsqueeze(1)
             column = (target - start).clamp(0, width - 1).unsqueeze(1)
             raw_target = torch.where(inside.squeeze(1), raw.gather(1, column).squeeze(1), raw_target)
@@ -152,8 +177,11 @@ class _FusedStatistics(torch.autograd.Function):
             rescale = (row_max - shift).exp()
             torch.add(shift.neg().unsqueeze(1), logits, alpha=scale, out=logits).exp_()  # exp(s * cos - shift)
             sum_exp = torch.addcmul(logits.sum(dim=1), sum_exp, rescale)
-            if need_x:
+            if need_x and low is None:
                 weighted.mul_(rescale.unsqueeze(1)).addmm_(logits.mul_(raw), w)
+            elif need_x:
+                exp_low = exp_low_buf[: rows * width].view(rows, width).copy_(logits.mul_(raw))
+                weighted.mul_(rescale.unsqueeze(1)).add_(torch.mm(exp_low, w, out=product_low))
             row_max = new_max
         has_target = target >= 0
         with torch.enable_grad():  # the margin's target function on (B,) vectors: values and slopes
@@ -182,7 +210,7 @@ class _FusedStatistics(torch.autograd.Function):
         ctx.save_for_backward(normed, override if override is not None else torch.empty(0), target, final_max,
                               weighted if need_x else torch.empty(0), target_grad, target_exp)
         ctx.has_override = override is not None
-        ctx.source, ctx.margin_loss, ctx.autocast = source, margin_loss, nullcontext
+        ctx.source, ctx.margin_loss, ctx.autocast = source, margin_loss, autocast
         ctx.mark_non_differentiable(final_max)
         return final_max, sum_exp, target_logit
 
@@ -197,7 +225,7 @@ class _FusedStatistics(torch.autograd.Function):
             grad_normed = torch.addcmul(target_upstream.unsqueeze(1) * target_grad, grad_sum_exp.unsqueeze(1), weighted)
         if need_override and ctx.has_override:
             grad_override = _override_gradient(ctx, normed, override, target, row_max, grad_sum_exp, grad_target)
-        return grad_normed, None, grad_override, None, None, None, None, None, None
+        return grad_normed, None, grad_override, None, None, None, None, None, None, None
 
 
 def fused_softmax_statistics(
@@ -208,15 +236,19 @@ def fused_softmax_statistics(
     target: torch.Tensor,
     block: int,
     workspace: Optional[Workspace] = None,
+    autocast: Optional[Callable[[], ContextManager]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(max, sum_exp, target_logit)`` of ``margin_loss(clamp(normed @ W.T, -1, 1), target)``.
 
     ``form``: the margin's :class:`~protomem_plugin.losses.TargetForm` (see :func:`fused_form`);
     ``margin_loss``: the same margin as a callable (used for the gradient of the overriding rows);
-    ``block``: columns per block; ``workspace``: scratch buffers to reuse (a fresh one if ``None``).
-    Gradients flow into ``normed`` and ``source.override``.
+    ``block``: columns per block; ``workspace``: scratch buffers to reuse (a fresh one if ``None``);
+    ``autocast``: a context factory (the head's ``fp16`` setting): the matrix products run in its
+    dtype when it enables autocast on ``normed``'s device. Gradients flow into ``normed`` and
+    ``source.override``.
     """
     if int(block) <= 0:
         raise ValueError(f"block must be positive, got {block}")
     return _FusedStatistics.apply(normed, source.weight, source.override, source, form, margin_loss, target,
-                                  int(block), workspace if workspace is not None else Workspace())
+                                  int(block), workspace if workspace is not None else Workspace(),
+                                  autocast or nullcontext)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..losses import CombinedMarginLoss
+from .compat import note
 from ..registry import build_head, build_margin, margin_name
 
 __all__ = ["dispatching_class", "equivalent_margin", "install_head"]
@@ -63,7 +64,10 @@ def dispatching_class(original: type, cfg: Any) -> type:
                           sample_rate=call["sample_rate"], fp16=call["fp16"])
             # train_v2 always builds CombinedMarginLoss; a config that selects another margin gets that one
             margin_loss = call["margin_loss"] if margin_name(merged) == "combined" else build_margin(merged)
-            margin_loss = equivalent_margin(margin_loss)
+            given, margin_loss = margin_loss, equivalent_margin(margin_loss)
+            if margin_loss is not given:
+                note(f"train_v2's CombinedMarginLoss(s={given.s}, m1={given.m1}, m2={given.m2}, m3={given.m3}) runs as "
+                     "protomem's CombinedMarginLoss of the same values and gradients, which PM and QAPM fuse")
             head = build_head(merged, margin_loss)
             built.append(type(head))
             return head

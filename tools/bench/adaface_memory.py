@@ -13,8 +13,12 @@ Without a GPU this is an **estimate per component**, measured where the CPU can 
   from the built head (PM) or from its shapes (Partial FC: 12 GB do not fit beside the other
   jobs of this machine);
 * head step: the increase in peak RSS over AdaFace training steps of the PM head on the CPU, its
-  memory full (``heads.fill_memory``)
-  (logits, softmax, margin temporaries), float32 as on a GPU;
+  memory full (``heads.fill_memory``): the fused margin softmax's blocks, the gradients and the
+  step's small tensors, float32 without autocast;
+* the fused blocks on the GPU, from shapes: under fp16 on CUDA a block has at most 32768 columns
+  (``LOW_PRECISION_PRODUCT_COLUMNS``), with two float32 and two float16 ``B x block`` buffers, the
+  gathered float16 columns and a float16 ``B x D`` product (:mod:`protomem_plugin.heads.fused`);
+  counted on top of the CPU step, whose own blocks are smaller;
 * CUDA context and allocator slack: a fixed allowance (``--cuda-overhead-gb``), not measured.
 
 Writes tools/bench/results/adaface_memory.{json,md} and prints the table. On a GPU the real figure
@@ -113,6 +117,16 @@ def pm_step_bytes(head: torch.nn.Module, steps: int = 3) -> int:
     return max(0, peak_rss_bytes() - before)
 
 
+def pm_device_blocks_bytes(memory_slots: int) -> int:
+    """Workspace of the fused margin softmax on a CUDA device under fp16, from its shapes."""
+    from protomem_plugin.heads.chunked import LOW_PRECISION_PRODUCT_COLUMNS
+    from protomem_plugin.heads.fused import DEVICE_BLOCK_ELEMENTS
+
+    width = min(memory_slots, DEVICE_BLOCK_ELEMENTS // BATCH, LOW_PRECISION_PRODUCT_COLUMNS)
+    spare = BATCH  # overriding rows written past the block (at most one per image)
+    return BATCH * width * (4 + 4 + 2 + 2) + (width + spare) * EMBEDDING * 2 + BATCH * EMBEDDING * 2
+
+
 def pfc_state_bytes() -> int:
     """Partial FC (arcface_torch's PartialFC_V2 layout): fp32 centres + momentum + dense gradient."""
     return 3 * CLASSES * EMBEDDING * 4
@@ -131,7 +145,8 @@ def estimate(cuda_overhead_gb: float) -> dict:
     memory_slots = int(SAMPLE_RATE * CLASSES)
     head = pm_head(memory_slots)
     pm = {"head state (memory 2e5 slots float16 + tables)": head_state_bytes(head),
-          "head step (logits, softmax, margin), measured on CPU": pm_step_bytes(head)}
+          "head step (fused blocks, gradients), measured on CPU": pm_step_bytes(head),
+          "fused blocks on the GPU under fp16 (32768 columns), from shapes": pm_device_blocks_bytes(memory_slots)}
     del head
     model = get_model("r50", fp16=False, num_features=EMBEDDING)
     backbone = {"backbone state (weights, grads, momentum; fp32)": backbone_state_bytes(model),

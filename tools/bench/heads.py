@@ -500,12 +500,16 @@ def run_grid(configs: list[dict], device: str, timeout: float, iters: tuple[int,
             continue
         payload = json.dumps({"config": c, "device": device, "iters": iters, "threads": threads,
                               "arcface": arcface, "floor_reps": floor_reps})
-        try:
-            out = spawn(["--worker", payload], timeout)
-        except subprocess.TimeoutExpired:
-            out = {"error": f"timed out after {timeout:.0f} s"}
-        results.append({**c, **out})
+        results.append({**c, **spawn_or_timeout(["--worker", payload], timeout)})
     return results
+
+
+def spawn_or_timeout(args: list[str], timeout: float) -> dict:
+    """A worker's result, or an ``error`` entry when it ran past ``timeout`` seconds."""
+    try:
+        return spawn(args, timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
 
 
 def run_profiles(configs: list[dict], device: str, timeout: float, threads: int, arcface: str | None) -> list[dict]:
@@ -514,11 +518,7 @@ def run_profiles(configs: list[dict], device: str, timeout: float, threads: int,
         if c.get("margin") == "arcface_torch" and not arcface:
             continue
         payload = json.dumps({"config": c, "device": device, "threads": threads, "arcface": arcface})
-        try:
-            result = spawn(["--profile-worker", payload], timeout)
-        except subprocess.TimeoutExpired:
-            result = {"error": f"timed out after {timeout:.0f} s"}
-        out.append({**c, **result})
+        out.append({**c, **spawn_or_timeout(["--profile-worker", payload], timeout)})
     return out
 
 

@@ -53,7 +53,8 @@ def target_form(margin_loss: Callable) -> Optional[TargetForm]:
     return form() if callable(form) else None
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on ``module``."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -152,7 +153,7 @@ class CombinedMarginLoss(nn.Module):
         """:class:`TargetForm` of this margin; ``None`` with interclass filtering (it edits non-target
         logits), hooks, or a subclass that overrides :meth:`forward`."""
         if (self.interclass_filtering_threshold > 0 or type(self).forward is not CombinedMarginLoss.forward
-                or _has_hooks(self)):
+                or has_forward_hooks(self)):
             return None
         return TargetForm(self.s, self.scaled_targets)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..losses import CombinedMarginLoss
+from ..losses import CombinedMarginLoss, has_forward_hooks
 from .compat import note
 from ..registry import build_head, build_margin, margin_name
 
@@ -39,7 +39,7 @@ def equivalent_margin(margin_loss: Callable) -> Callable:
     cls = type(margin_loss)
     if cls.__module__ != "losses" or cls.__qualname__ != "CombinedMarginLoss":
         return margin_loss
-    if isinstance(margin_loss, torch.nn.Module) and (margin_loss._forward_hooks or margin_loss._forward_pre_hooks):
+    if isinstance(margin_loss, torch.nn.Module) and has_forward_hooks(margin_loss):
         return margin_loss
     try:
         values = [float(getattr(margin_loss, key)) for key in ("s", "m1", "m2", "m3", "interclass_filtering_threshold")]

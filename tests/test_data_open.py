@@ -9,7 +9,7 @@ import pytest
 
 from protomem_plugin.data import recordio
 from protomem_plugin.data.label_cache import label_cache_paths
-from protomem_plugin.data.packing import write_insightface_rec
+from protomem_plugin.data.packing import header_label, write_insightface_rec
 from protomem_plugin.data.recordio import InsightFaceRec, IRHeader, RecordIOError, RecordIOWriter, pack_record
 
 
@@ -115,3 +115,15 @@ def test_header_keys_beyond_float32_precision_are_resolved_exactly(tmp_path):
     np.testing.assert_array_equal(np.bincount(rec.labels), counts)
     layout = sampler_layout(rec)
     np.testing.assert_array_equal(layout.counts[: len(counts)], counts)
+    # the packer writes this header too (rounded, with a warning) instead of failing at the end of a pack
+    with pytest.warns(UserWarning, match="MXFaceDataset reads the rounded"):
+        packed = header_label(info["first_identity_key"], info["end_key"], "big")
+    header, _ = rec.record_io._unpack(0)
+    np.testing.assert_array_equal(packed, header.label)
+
+
+def test_header_keys_within_float32_precision_are_written_exactly_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        label = header_label((1 << 24) - 9, 1 << 24, "small")
+    assert label.dtype == np.float32 and label.tolist() == [(1 << 24) - 9, 1 << 24]

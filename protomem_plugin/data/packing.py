@@ -20,6 +20,7 @@ import itertools
 import os
 import shutil
 import socket
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -32,6 +33,7 @@ __all__ = [
     "DATASET_FILES",
     "IMAGE_EXTENSIONS",
     "write_insightface_rec",
+    "header_label",
     "list_image_folder",
     "read_list_file",
     "pack_images",
@@ -148,6 +150,23 @@ def _refuse_existing(out_dir: str) -> None:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; refusing to overwrite it")
 
 
+def header_label(first_identity_key: int, end_key: int, where: str = "") -> np.ndarray:
+    """The header record's float32 label ``[first identity-record key, end key]``.
+
+    The format stores these keys as float32, which rounds integers beyond 2**24 (datasets of more
+    than ~16.7M images, e.g. WebFace42M). They are written rounded, as InsightFace's own packer
+    writes them, with a warning: protomem's reader and DALI's reader find the exact keys, while
+    arcface_torch's ``MXFaceDataset`` takes the rounded first key as the end of the image keys.
+    """
+    label = np.array([first_identity_key, end_key], dtype=np.float32)
+    if int(label[0]) != first_identity_key or int(label[1]) != end_key:
+        warnings.warn(
+            f"{where or 'dataset'}: the header keys {first_identity_key} and {end_key} are beyond float32's "
+            f"exact integers (2**24) and are stored rounded ({int(label[0])}, {int(label[1])}); protomem and "
+            "DALI read the exact keys, arcface_torch's MXFaceDataset reads the rounded ones", stacklevel=2)
+    return label
+
+
 def write_insightface_rec(
     out_dir: str,
     samples: Iterable[tuple[int, bytes]],
@@ -193,10 +212,7 @@ def write_insightface_rec(
                 rng = np.array([starts[c], starts[c + 1]], dtype=np.float32)
                 writer.write(first_identity_key + c, pack_record(IRHeader(2, rng, 0, 0), b""))
             end_key = first_identity_key + num_classes
-            header_label = np.array([first_identity_key, end_key], dtype=np.float32)
-            if int(header_label[1]) != end_key:
-                raise ValueError(f"{end_key} keys cannot be stored exactly in a float32 header")
-            writer.overwrite(0, pack_record(IRHeader(2, header_label, 0, 0), b""))
+            writer.overwrite(0, pack_record(IRHeader(2, header_label(first_identity_key, end_key, out_dir), 0, 0), b""))
         write_property(tmp["property"], num_classes, image_size[0], image_size[1])
         _refuse_existing(out_dir)
         for name in DATASET_FILES:

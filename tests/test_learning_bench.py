@@ -37,25 +37,32 @@ def test_quick_grid_tunes_on_validation_then_reports_seeds(quick_grid):
     results = cached(root)
     tune = [r for r in results if r["spec"]["seed"] == grid.TUNE_SEED]
     report = [r for r in results if r["spec"]["seed"] in grid.REPORT_SEEDS]
-    lrs = {r["spec"]["setting"]["lr"]: grid.score(r) for r in tune}
+    lrs = {r["spec"]["setting"]["lr"]: grid.score(r) for r in tune if r["spec"]["setting"]["samples_per_class"] == 2}
     assert set(grid.LR_START) <= set(lrs)  # the start points span 100x
     best = max(lrs, key=lambda lr: (lrs[lr], -abs(math.log10(lr) + 1)))
     i = grid.LR_GRID.index(best)
     assert {grid.LR_GRID[j] for j in (i - 1, i + 1) if 0 <= j < len(grid.LR_GRID)} <= set(lrs)  # search finished
+    other_k = {r["spec"]["setting"]["lr"]: grid.score(r) for r in tune
+               if r["spec"]["setting"]["samples_per_class"] == grid.MEMORY_HEAD_OTHER_K}
+    assert best in other_k  # PM also tried K = 4 at its best K = 2 setting
+    summary = json.loads((root / "out" / "learning_quick.json").read_text())
+    chosen = summary["chosen"]["obsolescence"]["pm"]
+    if other_k[best] > lrs[best]:  # K = 4 won on validation: its own search decides the lr
+        assert chosen["samples_per_class"] == 4 and other_k[chosen["lr"]] == max(other_k.values())
+    else:
+        assert chosen["samples_per_class"] == 2 and chosen["lr"] == best
     assert len(report) == len(grid.REPORT_SEEDS)
-    for r in report:  # every report run uses the learning rate validation chose
-        assert r["spec"]["setting"]["lr"] == best and r["status"] == "ok"
+    for r in report:  # every report run uses the setting validation chose
+        assert r["spec"]["setting"] == chosen and r["status"] == "ok"
         assert [p["step"] for p in r["curve"]][-1] == r["steps"] and len(r["curve"]) == grid.QUICK_CURVE_POINTS
         for role in ("val", "test"):
             assert 0.0 <= r["final"][role]["tar@0.001"] <= 1.0
             assert r["final"][role]["genuine_pairs"] == 3 * grid.QUICK_TEST_TREE["num_identities"]
         assert r["cost"]["cpu_s_per_step"] > 0 and r["cost"]["peak_rss_mb"] > 50
         assert math.isfinite(r["cost"]["loop_s_per_step"]) and r["ages"]["counts"]
-    summary = json.loads((root / "out" / "learning_quick.json").read_text())
-    assert summary["chosen"]["obsolescence"]["pm"]["lr"] == best
     assert [row["head"] for row in summary["main"]] == ["pm"] and summary["main"][0]["seeds"] == 3
     table = (root / "out" / "learning_quick.md").read_text()
-    assert f"| obsolescence | pm | lr {best:g} |" in table
+    assert f"| obsolescence | pm | {bench('learning_report').setting_text(chosen)} |" in table
     for name in ("lr", "steps", "time", "age"):
         assert (root / "out" / f"learning_quick_{name}.png").stat().st_size > 1000
 
@@ -145,3 +152,41 @@ def test_the_lr_search_measures_the_start_points_then_walks_to_a_local_best():
     assert best == 0.03 and {0.01, 0.1} <= set(measured)
     # a diverged run counts as zero
     assert grid.score({"status": "diverged", "final": None}) == 0.0
+
+
+def _tune_to_the_end(grid, head: str, truth) -> tuple[object, list]:
+    """Run the planner's tuning of ``head`` (obsolescence regime) against ``truth(setting) -> score``."""
+    planner = grid.Planner({})
+    proposed = []
+    while True:
+        todo, chosen, _ = planner.tuning("obsolescence", head)
+        if not todo:
+            return chosen, proposed
+        for spec in todo:
+            proposed.append(spec.setting)
+            planner.cache[spec.key()] = {"status": "ok", "spec": spec.config(),
+                                         "final": {"val": {grid.SELECT_METRIC: truth(spec.setting)}}}
+
+
+def test_tuning_tries_the_other_k_at_the_best_setting_and_searches_on_when_it_wins():
+    grid = bench("learning_grid")
+
+    def peaked(lr: float, at: float) -> float:
+        return 1.0 - abs(math.log10(lr) - math.log10(at)) / 10
+
+    # PM: K = 2 peaks at lr 0.03; K = 4 is better and peaks at 0.01, so its search walks there
+    chosen, proposed = _tune_to_the_end(grid, "pm", lambda s: peaked(s.lr, 0.03 if s.samples_per_class == 2 else 0.01)
+                                        + (0.1 if s.samples_per_class == 4 else 0.0))
+    assert {s.samples_per_class for s in proposed} == {2, grid.MEMORY_HEAD_OTHER_K}
+    assert dataclasses.replace(proposed[0], lr=0.03, samples_per_class=4) in proposed  # tried at the K = 2 best
+    assert (chosen.lr, chosen.samples_per_class, chosen.head_lr_scale) == (0.01, 4, 1.0)
+    # PM where K = 4 loses: one extra run, K = 2 stays
+    chosen, proposed = _tune_to_the_end(grid, "pm", lambda s: peaked(s.lr, 0.03) - (s.samples_per_class == 4))
+    assert [s for s in proposed if s.samples_per_class == 4] == [dataclasses.replace(chosen, samples_per_class=4)]
+    assert (chosen.lr, chosen.samples_per_class) == (0.03, 2)
+    # a centre head tries K = 1 (and both centre learning-rate lines), never K = 4
+    chosen, proposed = _tune_to_the_end(grid, "full_softmax", lambda s: peaked(s.lr, 0.3) + 0.05 * (s.head_lr_scale > 1)
+                                        + 0.01 * (s.samples_per_class == 1))
+    assert {s.samples_per_class for s in proposed} == {2, grid.CENTRE_HEAD_OTHER_K}
+    assert {s.head_lr_scale for s in proposed} == set(grid.HEAD_LR_SCALES)
+    assert (chosen.lr, chosen.head_lr_scale, chosen.samples_per_class) == (0.3, 10.0, 1)

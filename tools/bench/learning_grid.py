@@ -35,6 +35,8 @@ SELECT_METRIC = "tar@0.001"
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # half-decade steps
 LR_START = (0.01, 0.1, 1.0)  # every search measures these first: 100x
 HEAD_LR_SCALES = (1.0, 10.0)  # centre heads: centres at lr x scale
+CENTRE_HEAD_OTHER_K = 1  # tried at a centre head's best K = 2 setting: plain shuffling
+MEMORY_HEAD_OTHER_K = 4  # tried at a memory head's best K = 2 setting: larger identity groups
 TUNE_SEED = 0
 REPORT_SEEDS = (1, 2, 3)
 CURVE_POINTS = 8
@@ -228,16 +230,17 @@ class Planner:
         chosen = None
         if not todo and candidates:
             chosen = max(candidates, key=lambda s: score(self.result(self.spec(regime, head, s, TUNE_SEED))))
-            if is_centre_head(head):  # K = 1 tried at the best K = 2 setting; searched on if it wins
-                k1 = dataclasses.replace(chosen, samples_per_class=1)
-                k1_result = self.result(self.spec(regime, head, k1, TUNE_SEED))
-                if k1_result is None:
-                    todo.append(self.spec(regime, head, k1, TUNE_SEED, stage="tune"))
-                    chosen = None
-                elif score(k1_result) > score(self.result(self.spec(regime, head, chosen, TUNE_SEED))):
-                    runs, best = self._line(regime, head, k1, [k1.lr])
-                    todo += runs
-                    chosen = dataclasses.replace(k1, lr=best) if not runs else None
+            # the other K tried at the best K = 2 setting; searched on if it wins
+            other_k = CENTRE_HEAD_OTHER_K if is_centre_head(head) else MEMORY_HEAD_OTHER_K
+            other = dataclasses.replace(chosen, samples_per_class=other_k)
+            other_result = self.result(self.spec(regime, head, other, TUNE_SEED))
+            if other_result is None:
+                todo.append(self.spec(regime, head, other, TUNE_SEED, stage="tune"))
+                chosen = None
+            elif score(other_result) > score(self.result(self.spec(regime, head, chosen, TUNE_SEED))):
+                runs, best = self._line(regime, head, other, [other.lr])
+                todo += runs
+                chosen = dataclasses.replace(other, lr=best) if not runs else None
         points = [r for r in self.cache.values() if r["spec"]["regime"]["name"] == regime_name
                   and r["spec"]["regime"]["num_identities"] == regime.num_identities and r["spec"]["head"] == head
                   and r["spec"]["seed"] == TUNE_SEED and r["spec"]["epochs"] == regime.epochs
@@ -276,8 +279,9 @@ class Planner:
         chosen = self.chosen("obsolescence", "pm")
         if chosen is None:
             return []
+        other_k = 2 if chosen.samples_per_class == MEMORY_HEAD_OTHER_K else MEMORY_HEAD_OTHER_K
         variants = [dataclasses.replace(chosen, memory_factor=f) for f in MEMORY_FACTORS]
-        variants += [dataclasses.replace(chosen, samples_per_class=4), dataclasses.replace(chosen, prototype_grad=False)]
+        variants += [dataclasses.replace(chosen, samples_per_class=other_k), dataclasses.replace(chosen, prototype_grad=False)]
         runs: list[RunSpec] = []
         for setting in variants:
             runs += self.seeds("obsolescence", "pm", setting=setting, stage="knobs")

@@ -43,7 +43,7 @@ def test_quick_grid_tunes_on_validation_then_reports_seeds(quick_grid):
     i = grid.LR_GRID.index(best)
     assert {grid.LR_GRID[j] for j in (i - 1, i + 1) if 0 <= j < len(grid.LR_GRID)} <= set(lrs)  # search finished
     other_k = {r["spec"]["setting"]["lr"]: grid.score(r) for r in tune
-               if r["spec"]["setting"]["samples_per_class"] == grid.MEMORY_HEAD_OTHER_K}
+               if r["spec"]["setting"]["samples_per_class"] in grid.MEMORY_HEAD_OTHER_K}
     assert best in other_k  # PM also tried K = 4 at its best K = 2 setting
     summary = json.loads((root / "out" / "learning_quick.json").read_text())
     chosen = summary["chosen"]["obsolescence"]["pm"]
@@ -177,16 +177,16 @@ def test_tuning_tries_the_other_k_at_the_best_setting_and_searches_on_when_it_wi
     # PM: K = 2 peaks at lr 0.03; K = 4 is better and peaks at 0.01, so its search walks there
     chosen, proposed = _tune_to_the_end(grid, "pm", lambda s: peaked(s.lr, 0.03 if s.samples_per_class == 2 else 0.01)
                                         + (0.1 if s.samples_per_class == 4 else 0.0))
-    assert {s.samples_per_class for s in proposed} == {2, grid.MEMORY_HEAD_OTHER_K}
+    assert {s.samples_per_class for s in proposed} == {2, *grid.MEMORY_HEAD_OTHER_K} == {2, 4}
     assert dataclasses.replace(proposed[0], lr=0.03, samples_per_class=4) in proposed  # tried at the K = 2 best
     assert (chosen.lr, chosen.samples_per_class, chosen.head_lr_scale) == (0.01, 4, 1.0)
     # PM where K = 4 loses: one extra run, K = 2 stays
     chosen, proposed = _tune_to_the_end(grid, "pm", lambda s: peaked(s.lr, 0.03) - (s.samples_per_class == 4))
     assert [s for s in proposed if s.samples_per_class == 4] == [dataclasses.replace(chosen, samples_per_class=4)]
     assert (chosen.lr, chosen.samples_per_class) == (0.03, 2)
-    # a centre head tries K = 1 (and both centre learning-rate lines), never K = 4
+    # a centre head tries K = 1 and K = 4 (and both centre learning-rate lines); the better one wins
     chosen, proposed = _tune_to_the_end(grid, "full_softmax", lambda s: peaked(s.lr, 0.3) + 0.05 * (s.head_lr_scale > 1)
-                                        + 0.01 * (s.samples_per_class == 1))
-    assert {s.samples_per_class for s in proposed} == {2, grid.CENTRE_HEAD_OTHER_K}
+                                        + 0.01 * (s.samples_per_class == 1) + 0.005 * (s.samples_per_class == 4))
+    assert {s.samples_per_class for s in proposed} == {1, 2, 4}
     assert {s.head_lr_scale for s in proposed} == set(grid.HEAD_LR_SCALES)
     assert (chosen.lr, chosen.head_lr_scale, chosen.samples_per_class) == (0.3, 10.0, 1)

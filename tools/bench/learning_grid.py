@@ -35,8 +35,10 @@ SELECT_METRIC = "tar@0.001"
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # half-decade steps
 LR_START = (0.01, 0.1, 1.0)  # every search measures these first: 100x
 HEAD_LR_SCALES = (1.0, 10.0)  # centre heads: centres at lr x scale
-CENTRE_HEAD_OTHER_K = 1  # tried at a centre head's best K = 2 setting: plain shuffling
-MEMORY_HEAD_OTHER_K = 4  # tried at a memory head's best K = 2 setting: larger identity groups
+# K tried at a head's best K = 2 setting: plain shuffling (K = 1; not for memory heads, whose positive
+# prototype would be the sample itself) and larger identity groups
+CENTRE_HEAD_OTHER_K = (1, 4)
+MEMORY_HEAD_OTHER_K = (4,)
 TUNE_SEED = 0
 REPORT_SEEDS = (1, 2, 3)
 CURVE_POINTS = 8
@@ -230,17 +232,20 @@ class Planner:
         chosen = None
         if not todo and candidates:
             chosen = max(candidates, key=lambda s: score(self.result(self.spec(regime, head, s, TUNE_SEED))))
-            # the other K tried at the best K = 2 setting; searched on if it wins
-            other_k = CENTRE_HEAD_OTHER_K if is_centre_head(head) else MEMORY_HEAD_OTHER_K
-            other = dataclasses.replace(chosen, samples_per_class=other_k)
-            other_result = self.result(self.spec(regime, head, other, TUNE_SEED))
-            if other_result is None:
-                todo.append(self.spec(regime, head, other, TUNE_SEED, stage="tune"))
+            # the other K values tried at the best K = 2 setting; the best of them searched on if it wins
+            ks = CENTRE_HEAD_OTHER_K if is_centre_head(head) else MEMORY_HEAD_OTHER_K
+            others = [dataclasses.replace(chosen, samples_per_class=k) for k in ks]
+            results = [self.result(self.spec(regime, head, other, TUNE_SEED)) for other in others]
+            missing = [other for other, r in zip(others, results) if r is None]
+            if missing:
+                todo += [self.spec(regime, head, other, TUNE_SEED, stage="tune") for other in missing]
                 chosen = None
-            elif score(other_result) > score(self.result(self.spec(regime, head, chosen, TUNE_SEED))):
-                runs, best = self._line(regime, head, other, [other.lr])
-                todo += runs
-                chosen = dataclasses.replace(other, lr=best) if not runs else None
+            else:
+                other, other_result = max(zip(others, results), key=lambda pair: score(pair[1]))
+                if score(other_result) > score(self.result(self.spec(regime, head, chosen, TUNE_SEED))):
+                    runs, best = self._line(regime, head, other, [other.lr])
+                    todo += runs
+                    chosen = dataclasses.replace(other, lr=best) if not runs else None
         points = [r for r in self.cache.values() if r["spec"]["regime"]["name"] == regime_name
                   and r["spec"]["regime"]["num_identities"] == regime.num_identities and r["spec"]["head"] == head
                   and r["spec"]["seed"] == TUNE_SEED and r["spec"]["epochs"] == regime.epochs
@@ -279,7 +284,7 @@ class Planner:
         chosen = self.chosen("obsolescence", "pm")
         if chosen is None:
             return []
-        other_k = 2 if chosen.samples_per_class == MEMORY_HEAD_OTHER_K else MEMORY_HEAD_OTHER_K
+        other_k = 2 if chosen.samples_per_class == 4 else 4  # K in {2, 4}
         variants = [dataclasses.replace(chosen, memory_factor=f) for f in MEMORY_FACTORS]
         variants += [dataclasses.replace(chosen, samples_per_class=other_k), dataclasses.replace(chosen, prototype_grad=False)]
         runs: list[RunSpec] = []

@@ -132,6 +132,19 @@ def test_the_cache_key_changes_with_every_setting():
     assert grid.spec_from_config(base.config()).key() == base.key()
 
 
+def test_head_state_counts_centres_and_momentum_or_memory_slots():
+    grid, run = bench("learning_grid"), bench("learning_run")
+    regime, dim = grid.REGIMES["obsolescence"], grid.TRAINING["embedding_size"]
+    for head in ("full_softmax", "partial_fc_0.1"):  # float32 centres and their SGD momentum, an int64 step per class
+        spec = grid.RunSpec(regime, head, grid.Setting(lr=0.1), seed=1, epochs=16, points=8)
+        expected = regime.num_identities * (2 * dim * 4 + 8) + 8
+        assert run.head_state_mb(spec) == pytest.approx(expected / 2**20)
+    for factor in (1.0, 4.0):  # memory_size = factor x the columns of Partial FC 0.1: slots, their class and step
+        spec = grid.RunSpec(regime, "pm", grid.Setting(lr=0.1, memory_factor=factor), seed=1, epochs=16, points=8)
+        slots = round(factor * regime.num_identities / 10)
+        assert run.head_state_mb(spec) == pytest.approx((slots * (dim * 4 + 2 * 8) + 8) / 2**20)
+
+
 def test_the_lr_search_measures_the_start_points_then_walks_to_a_local_best():
     grid = bench("learning_grid")
     truth = {0.001: 0.1, 0.003: 0.2, 0.01: 0.4, 0.03: 0.7, 0.1: 0.5, 0.3: 0.3, 1.0: 0.0, 3.0: 0.0, 10.0: 0.0}

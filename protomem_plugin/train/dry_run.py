@@ -22,6 +22,10 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def dry_run(cfg: Any) -> dict[str, Any]:
     """Build network and head on the meta device; return what they are and the data keys' state.
 
@@ -48,6 +52,8 @@ def dry_run(cfg: Any) -> dict[str, Any]:
         except Exception as exc:
             raise ConfigError(f"config key 'head' = {cfg.head!r}: the head does not build: {exc}") from exc
     summary.update(backbone_parameters=sum(p.numel() for p in backbone.parameters()), head_state=_count(head),
+                   head_state_bytes=_bytes(head.parameters()) + _bytes(head.buffers()),
+                   head_trainable_bytes=_bytes(p for p in head.parameters() if p.requires_grad),
                    head_class=type(head).__name__)
     if hasattr(head, "memory_size"):
         summary["memory_slots"] = int(head.memory_size)

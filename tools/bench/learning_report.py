@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import learning_grid as grid
+from learning_run import head_state_mb
 from machine import cpu_name
 
 METRICS = ("tar@0.0001", "tar@0.001")
@@ -83,7 +84,8 @@ def collect(planner: grid.Planner) -> dict:
             report["chosen"].setdefault(regime_name, {})[head] = chosen.__dict__
             stats = seed_stats([r for s in planner.seeds(regime_name, head) if (r := planner.result(s))])
             if stats:
-                report["main"].append({"regime": regime_name, "head": head, "setting": chosen.__dict__, **stats})
+                report["main"].append({"regime": regime_name, "head": head, "setting": chosen.__dict__, **stats,
+                                       "head_state_mb": head_state_mb(planner.seeds(regime_name, head)[0])})
             regime = planner.regimes[regime_name]
             rows = {regime.epochs: stats}
             for spec in planner.schedule_runs(regime_name, head):
@@ -108,7 +110,8 @@ def collect(planner: grid.Planner) -> dict:
                          planner.seeds("obsolescence", head, regime=base.with_identities(count)))
                 stats = seed_stats([r for s in specs if (r := planner.result(s))])
                 if stats:
-                    report["sweep"].append({"identities": count, "head": head, **stats})
+                    report["sweep"].append({"identities": count, "head": head, **stats,
+                                            "head_state_mb": head_state_mb(specs[0])})
         chosen = planner.chosen("obsolescence", "pm")
         if chosen is not None:
             for spec in [planner.seeds("obsolescence", "pm")] + [
@@ -123,7 +126,7 @@ def markdown(report: dict) -> str:
     """README tables of the report."""
     lines = ["#### Test figures at each head's chosen settings (mean ± std over seeds)", "",
              "| regime | head | chosen on validation | test TAR@FAR=1e-4 | test TAR@FAR=1e-3 | vs PM | seeds | "
-             "TAR@1e-3 at equal time | s/step | peak RSS MB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+             "TAR@1e-3 at equal time | s/step | head state MB | peak RSS MB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     by_regime: dict = {}
     for row in report["main"]:
         by_regime.setdefault(row["regime"], {})[row["head"]] = row
@@ -134,7 +137,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {regime} | {head} | {setting_text(row['setting'])} | {_cell(*row['test tar@0.0001'])} | "
                          f"{_cell(*row['test tar@0.001'])} | {versus} | {row['seeds']} | "
                          f"{row['test tar@0.001 at equal time']:.1f} ({row['equal_time_s']:.0f} s) | {row['loop_s_per_step']:.3f} | "
-                         f"{row['peak_rss_mb']:.0f} |")
+                         f"{row['head_state_mb']:.2f} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "#### Learning-rate grid (seed 0; validation chooses, test shown for the plot)", "",
               "| regime | head | setting | validation TAR@1e-3 | test TAR@1e-3 |", "|---|---|---|---:|---:|"]
     for row in report["grid"]:
@@ -150,9 +153,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['regime']} | {row['head']} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
     if report["sweep"]:
         lines += ["", "#### Identity count (obsolescence regime, 4 images per identity, same epochs)", "",
-                  "| identities | head | test TAR@1e-3 | seeds |", "|---:|---|---:|---:|"]
+                  "| identities | head | test TAR@1e-3 | seeds | head state MB |", "|---:|---|---:|---:|---:|"]
         for row in report["sweep"]:
-            lines.append(f"| {row['identities']} | {row['head']} | {_cell(*row['test tar@0.001'])} | {row['seeds']} |")
+            lines.append(f"| {row['identities']} | {row['head']} | {_cell(*row['test tar@0.001'])} | {row['seeds']} | "
+                         f"{row['head_state_mb']:.2f} |")
     if report["knobs"]:
         lines += ["", "#### PM's knobs (obsolescence regime)", "", "| setting | test TAR@1e-3 | seeds |", "|---|---:|---:|"]
         for row in report["knobs"]:

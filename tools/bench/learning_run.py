@@ -136,6 +136,22 @@ def job_config(path: Path, spec: RunSpec, rec: Path, output: Path, stop: int) ->
     return path
 
 
+def head_state_mb(spec: RunSpec) -> float:
+    """The head's training state in MB: parameters, buffers and the SGD momentum of its trainable
+    parameters, from the run's job built on the meta device (no data, no memory)."""
+    import tempfile
+
+    from protomem_plugin.train.config import get_config
+    from protomem_plugin.train.dry_run import dry_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = job_config(Path(tmp) / "job.py", spec, Path(tmp) / "rec", Path(tmp) / "out", stop=0)
+        job = get_config(cfg)
+        job.num_image = job.get("num_image") or 1  # read from the .rec in training; no part of the head's state
+        summary = dry_run(job)
+    return (summary["head_state_bytes"] + summary["head_trainable_bytes"]) / 2**20
+
+
 def steps_per_epoch(rec: Path, spec: RunSpec) -> int:
     """Global batches per epoch of the identity-grouped sampler (as the loader counts them)."""
     from protomem_plugin.data.recordio import InsightFaceRec

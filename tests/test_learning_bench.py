@@ -203,3 +203,30 @@ def test_tuning_tries_the_other_k_at_the_best_setting_and_searches_on_when_it_wi
     assert {s.samples_per_class for s in proposed} == {1, 2, 4}
     assert {s.head_lr_scale for s in proposed} == set(grid.HEAD_LR_SCALES)
     assert (chosen.lr, chosen.head_lr_scale, chosen.samples_per_class) == (0.3, 10.0, 1)
+
+
+def _finished(spec, val: float, test: float) -> dict:
+    """A cached result with the fields the report reads (synthetic figures)."""
+    point = {"step": 100, "cpu_s": 10.0, "test": {"tar@0.001": test}}
+    return {"status": "ok", "spec": spec.config(), "curve": [point],
+            "final": {"val": {"tar@0.0001": val, "tar@0.001": val}, "test": {"tar@0.0001": test, "tar@0.001": test}},
+            "cost": {"loop_s_per_step": 0.05, "cpu_s_per_step": 0.1, "peak_rss_mb": 500.0}, "ages": None}
+
+
+def test_the_report_sets_each_adaface_head_against_its_cosface_head():
+    grid, report = bench("learning_grid"), bench("learning_report")
+    planner = grid.Planner({})
+    test_figures = {"pm": [0.90, 0.91, 0.92], "pm_adaface": [0.95, 0.96, 0.97],
+                    "partial_fc_0.1": [0.90, 0.91, 0.92], "partial_fc_0.1_adaface": [0.905, 0.91, 0.915]}
+    for head in test_figures:
+        while (todo := planner.tuning("quality", head)[0]):
+            for spec in todo:
+                planner.cache[spec.key()] = _finished(spec, 1.0 - abs(math.log10(spec.setting.lr) + 2) / 10, 0.5)
+        for spec, test in zip(planner.seeds("quality", head), test_figures[head]):
+            planner.cache[spec.key()] = _finished(spec, test, test)
+    rows = {row["head"]: row for row in report.collect(planner)["adaface"]}
+    assert set(rows) == {"pm", "partial_fc_0.1"}  # QAPM has no CosFace figures here
+    assert rows["pm"]["adaface"][0] == pytest.approx(96.0) and rows["pm"]["cosface"][0] == pytest.approx(91.0)
+    assert rows["pm"]["verdict"] == "better"  # 5 points apart, 1 + 1 of spread
+    assert rows["partial_fc_0.1"]["verdict"] == "tie"
+    assert "| quality | pm | 91.0 ± 1.0 | 96.0 ± 1.0 | better |" in report.markdown(report.collect(planner))

@@ -67,8 +67,8 @@ def verdict(a: dict, b: dict, key: str = "test tar@0.001") -> str:
 
 def collect(planner: grid.Planner) -> dict:
     """Every table of the report as plain data."""
-    report: dict = {"grid": [], "chosen": {}, "main": [], "schedule": [], "sweep": [], "knobs": []}
-    heads_all = grid.CORE_HEADS + grid.OTHER_HEADS
+    report: dict = {"grid": [], "chosen": {}, "main": [], "schedule": [], "sweep": [], "knobs": [], "adaface": []}
+    heads_all = grid.CORE_HEADS + grid.OTHER_HEADS + grid.ADAFACE_HEADS
     for regime_name in planner.regimes:
         for head in heads_all:
             todo, chosen, points = planner.tuning(regime_name, head)
@@ -101,6 +101,14 @@ def collect(planner: grid.Planner) -> dict:
             for r in rows:
                 r["equal_time_s"] = budget
                 r["test tar@0.001 at equal time"] = float(np.interp(budget, [0.0] + r["curve_cpu_s"], [0.0] + r["curve_test"]))
+    main = {(r["regime"], r["head"]): r for r in report["main"]}
+    for regime_name in planner.regimes:  # AdaFace against CosFace, each head tuned on its own
+        for adaface in grid.ADAFACE_HEADS:
+            cosface = adaface.removesuffix("_adaface")
+            a, c = main.get((regime_name, adaface)), main.get((regime_name, cosface))
+            if a and c:
+                report["adaface"].append({"regime": regime_name, "head": cosface, "cosface": c["test tar@0.001"],
+                                          "adaface": a["test tar@0.001"], "verdict": verdict(a, c)})
     base = planner.regimes.get("obsolescence")
     if base is not None:
         sizes = sorted({base.num_identities, *(grid.QUICK_IDENTITY_SWEEP if planner.quick else grid.IDENTITY_SWEEP)})
@@ -145,6 +153,12 @@ def markdown(report: dict) -> str:
         status = "" if row["status"] == "ok" else f" ({row['status']})"
         lines.append(f"| {row['regime']} | {row['head']} | {setting_text(row['setting'])}{mark}{status} | "
                      f"{row['val tar@0.001']:.1f} | {row['test tar@0.001']:.1f} |")
+    if report["adaface"]:
+        lines += ["", "#### AdaFace against CosFace, same head, each tuned on validation (test TAR@1e-3)", "",
+                  "| regime | head | CosFace | AdaFace | AdaFace vs CosFace |", "|---|---|---:|---:|---|"]
+        for row in report["adaface"]:
+            lines.append(f"| {row['regime']} | {row['head']} | {_cell(*row['cosface'])} | {_cell(*row['adaface'])} | "
+                         f"{row['verdict']} |")
     if report["schedule"]:
         lines += ["", "#### Longer schedules at the chosen settings (test TAR@1e-3; validation in brackets)", "",
                   "| regime | head | " + " | ".join(["epochs: test (val)"] * 3) + " |", "|---|---|---|---|---|"]
@@ -173,7 +187,8 @@ def plot(planner: grid.Planner, report: dict, out: Path, stem: str) -> list[str]
 
     written = []
     regimes = [r for r in planner.regimes if any(g["regime"] == r for g in report["grid"])]
-    colours = {h: f"C{i}" for i, h in enumerate(grid.CORE_HEADS + grid.OTHER_HEADS)}
+    colours = {h: f"C{i}" for i, h in enumerate(grid.CORE_HEADS + grid.OTHER_HEADS)}  # 9 heads
+    colours.update(zip(grid.ADAFACE_HEADS, ("C9", "black", "darkgoldenrod")))
 
     def save(fig, name: str) -> None:
         fig.tight_layout()

@@ -153,28 +153,30 @@ def markdown(report: dict) -> str:
         status = "" if row["status"] == "ok" else f" ({row['status']})"
         lines.append(f"| {row['regime']} | {row['head']} | {setting_text(row['setting'])}{mark}{status} | "
                      f"{row['val tar@0.001']:.1f} | {row['test tar@0.001']:.1f} |")
+    def section(title: str, header: str, align: str, rows: list[str]) -> list[str]:
+        return ["", f"#### {title}", "", header, align, *rows]
+
     if report["adaface"]:
-        lines += ["", "#### AdaFace against CosFace, same head, each tuned on validation (test TAR@1e-3)", "",
-                  "| regime | head | CosFace | AdaFace | AdaFace vs CosFace |", "|---|---|---:|---:|---|"]
-        for row in report["adaface"]:
-            lines.append(f"| {row['regime']} | {row['head']} | {_cell(*row['cosface'])} | {_cell(*row['adaface'])} | "
-                         f"{row['verdict']} |")
+        lines += section("AdaFace against CosFace, same head, each tuned on validation (test TAR@1e-3)",
+                         "| regime | head | CosFace | AdaFace | AdaFace vs CosFace |", "|---|---|---:|---:|---|",
+                         [f"| {r['regime']} | {r['head']} | {_cell(*r['cosface'])} | {_cell(*r['adaface'])} | "
+                          f"{r['verdict']} |" for r in report["adaface"]])
     if report["schedule"]:
-        lines += ["", "#### Longer schedules at the chosen settings (test TAR@1e-3; validation in brackets)", "",
-                  "| regime | head | " + " | ".join(["epochs: test (val)"] * 3) + " |", "|---|---|---|---|---|"]
+        rows = []
         for row in report["schedule"]:
             cells = [f"{e}: {_cell(*v['test tar@0.001'])} ({v['val tar@0.001'][0]:.1f})" for e, v in row["by_epochs"].items()]
-            lines.append(f"| {row['regime']} | {row['head']} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
+            rows.append(f"| {row['regime']} | {row['head']} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
+        lines += section("Longer schedules at the chosen settings (test TAR@1e-3; validation in brackets)",
+                         "| regime | head | " + " | ".join(["epochs: test (val)"] * 3) + " |", "|---|---|---|---|---|", rows)
     if report["sweep"]:
-        lines += ["", "#### Identity count (obsolescence regime, 4 images per identity, same epochs)", "",
-                  "| identities | head | test TAR@1e-3 | seeds | head state MB |", "|---:|---|---:|---:|---:|"]
-        for row in report["sweep"]:
-            lines.append(f"| {row['identities']} | {row['head']} | {_cell(*row['test tar@0.001'])} | {row['seeds']} | "
-                         f"{row['head_state_mb']:.2f} |")
+        lines += section("Identity count (obsolescence regime, 4 images per identity, same epochs)",
+                         "| identities | head | test TAR@1e-3 | seeds | head state MB |", "|---:|---|---:|---:|---:|",
+                         [f"| {r['identities']} | {r['head']} | {_cell(*r['test tar@0.001'])} | {r['seeds']} | "
+                          f"{r['head_state_mb']:.2f} |" for r in report["sweep"]])
     if report["knobs"]:
-        lines += ["", "#### PM's knobs (obsolescence regime)", "", "| setting | test TAR@1e-3 | seeds |", "|---|---:|---:|"]
-        for row in report["knobs"]:
-            lines.append(f"| {setting_text(row['setting'])} | {_cell(*row['test tar@0.001'])} | {row['seeds']} |")
+        lines += section("PM's knobs (obsolescence regime)", "| setting | test TAR@1e-3 | seeds |", "|---|---:|---:|",
+                         [f"| {setting_text(r['setting'])} | {_cell(*r['test tar@0.001'])} | {r['seeds']} |"
+                          for r in report["knobs"]])
     return "\n".join(lines) + "\n"
 
 

@@ -230,3 +230,18 @@ def test_the_report_sets_each_adaface_head_against_its_cosface_head():
     assert rows["pm"]["verdict"] == "better"  # 5 points apart, 1 + 1 of spread
     assert rows["partial_fc_0.1"]["verdict"] == "tie"
     assert "| quality | pm | 91.0 ± 1.0 | 96.0 ± 1.0 | better |" in report.markdown(report.collect(planner))
+
+
+def test_the_summary_replaces_only_the_marked_block_of_the_readme(tmp_path):
+    report = bench("learning_report")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n")
+    report.splice_readme(readme, "| new | table |\n")
+    text = readme.read_text()
+    assert "old table" not in text and "| new | table |" in text
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
+    report.splice_readme(readme, "| newer |\n")  # the markers survive, so it runs again
+    assert "| new | table |" not in readme.read_text() and "| newer |" in readme.read_text()
+    (tmp_path / "OTHER.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="OTHER.md"):
+        report.splice_readme(tmp_path / "OTHER.md", "| x |\n")

@@ -14,6 +14,7 @@ so the grid runs in parts and the summary is rebuilt from the cache::
     python tools/bench/learning.py plan               # what would run next
     python tools/bench/learning.py one --regime obsolescence --head pm --lr 0.03 --seed 1
     python tools/bench/learning.py summary            # tables, JSON and plots from the cache
+    python tools/bench/learning.py summary --readme README.md   # ... and the tables into README
     python tools/bench/learning.py run --quick --cache /tmp/c --data /tmp/d   # mechanics (tests)
 """
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-runs", type=int, default=None)
     run.add_argument("--hours", type=float, default=None, help="start no run after this much time")
     sub.add_parser("plan", parents=[common, filters], help="list the runs the plan would do next")
-    sub.add_parser("summary", parents=[common], help="tables, JSON and plots from the cache")
+    summary = sub.add_parser("summary", parents=[common], help="tables, JSON and plots from the cache")
+    summary.add_argument("--readme", default=None, help="also write the tables into this README between its markers")
     one = sub.add_parser("one", parents=[common], help="run (or show from the cache) one run")
     one.add_argument("--regime", required=True, choices=sorted(grid.REGIMES))
     one.add_argument("--head", required=True, choices=list(grid.HEADS))
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import learning_report as report
 
-    report.write_summary(planner, Path(args.out), "learning_quick" if args.quick else "learning")
+    readme = Path(args.readme) if getattr(args, "readme", None) else None
+    report.write_summary(planner, Path(args.out), "learning_quick" if args.quick else "learning", readme)
     return 0
 
 

@@ -284,8 +284,22 @@ def grid_bins() -> list[int]:
     return [int(b) for b in AGE_BINS[:-1]]
 
 
-def write_summary(planner: grid.Planner, out: Path, stem: str) -> dict:
-    """``<stem>.json``, ``<stem>.md`` and the PNGs under ``out``; returns the report."""
+README_BEGIN = "<!-- learning tables: begin (python tools/bench/learning.py summary --readme README.md) -->"
+README_END = "<!-- learning tables: end -->"
+
+
+def splice_readme(readme: Path, table: str) -> None:
+    """Replace the text between README's learning-table markers with ``table``."""
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' block to replace")
+    start = begin + len(README_BEGIN)
+    readme.write_text(text[:start] + "\n\n" + table.strip("\n") + "\n\n" + text[end:])
+
+
+def write_summary(planner: grid.Planner, out: Path, stem: str, readme: Path | None = None) -> dict:
+    """``<stem>.json``, ``<stem>.md`` and the PNGs under ``out`` (and the tables into ``readme``)."""
     out.mkdir(parents=True, exist_ok=True)
     report = collect(planner)
     table = markdown(report)
@@ -295,11 +309,14 @@ def write_summary(planner: grid.Planner, out: Path, stem: str) -> dict:
     # runs cached before revisions were recorded came from 4a36f7b
     revisions = Counter(result.get("revision", "4a36f7b") for result in planner.cache.values())
     report["revisions"] = dict(revisions)
-    table += "\nRuns by code revision: " + ", ".join(f"{k} ({v})" for k, v in sorted(revisions.items())) + "\n"
+    table += (f"\n{len(planner.cache)} runs cached, {len(pending)} ready to run next. Runs by code revision: "
+              + ", ".join(f"{k} ({v})" for k, v in sorted(revisions.items())) + "\n")
     report["runs_ready_next"] = len(pending)
     report["plots"] = plot(planner, report, out, stem)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / f"{stem}.md").write_text(table)
+    if readme is not None:
+        splice_readme(readme, table)
     print(table)
     print(f"{len(planner.cache)} runs cached; {len(pending)} ready to run next")
     return report

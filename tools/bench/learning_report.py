@@ -318,5 +318,4 @@ def write_summary(planner: grid.Planner, out: Path, stem: str, readme: Path | No
     if readme is not None:
         splice_readme(readme, table)
     print(table)
-    print(f"{len(planner.cache)} runs cached; {len(pending)} ready to run next")
     return report

@@ -29,7 +29,22 @@ def test_job_values_override_base_and_output_defaults_to_work_dirs(tmp_path):
                                      "config.num_epoch = 1\nconfig.embedding_size = 8\n")
     cfg = get_config(tmp_path / "job.py")
     assert cfg.lr == 0.02 and cfg.network == "r50" and cfg.output.endswith("work_dirs/job")
-    assert cfg.head == "partial_fc" and cfg.samples_per_class == 2
+    assert cfg.head == "partial_fc" and cfg.samples_per_class == 1  # arcface_torch's plain shuffling
+
+
+@pytest.mark.parametrize("head, written, expected", [
+    ("partial_fc", None, 1), ("prototype_memory", None, 2), ("qapm", None, 2),
+    ("partial_fc", 2, 2), ("prototype_memory", 4, 4)])
+def test_samples_per_class_defaults_by_head_and_a_written_value_wins(tmp_path, head, written, expected):
+    lines = ["from easydict import EasyDict as edict", "config = edict()", f"config.head = {head!r}",
+             "config.rec = 'x'", "config.num_classes = 100", "config.batch_size = 8", "config.num_epoch = 1",
+             "config.embedding_size = 8", "config.lr = 0.1", "config.network = 'tiny'"]
+    if head != "partial_fc":
+        lines.append("config.memory_size = 16")
+    if written is not None:
+        lines.append(f"config.samples_per_class = {written}")
+    (tmp_path / "job.py").write_text("\n".join(lines) + "\n")
+    assert get_config(tmp_path / "job.py").samples_per_class == expected
 
 
 def test_broken_config_file_names_the_file(tmp_path):

@@ -24,6 +24,7 @@ from ..train.config import (
     check_known_keys,
     check_margin_keys,
     check_values,
+    default_samples_per_class,
     known_keys,
     load_config_file,
 )
@@ -100,6 +101,7 @@ def load_hook_config(checkout: Path, config_path: Path) -> edict:
         raise ConfigError(f"config key 'resume' = {cfg.resume!r} in {source}: arcface_torch's train_v2 takes True or "
                           "False ('auto' is protomem-train's: run `protomem-train` with this config for it)")
     if head_needs_groups(cfg):
-        cfg.setdefault("samples_per_class", PLUGIN_DEFAULTS["samples_per_class"])
+        if cfg.get("samples_per_class") is None:
+            cfg.samples_per_class = default_samples_per_class(cfg.head)
     check_values(cfg, source)
     return cfg

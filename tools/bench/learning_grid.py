@@ -46,7 +46,8 @@ QUICK_CURVE_POINTS = 2
 SCHEDULE_FACTORS = {"obsolescence": (2, 4)}  # longer schedules run at the chosen settings
 DEFAULT_SCHEDULE_FACTORS = (2,)
 IDENTITY_SWEEP = (1000, 10000)  # besides the regime's own count (obsolescence)
-MEMORY_FACTORS = (0.5, 2.0, 4.0)  # PM knobs besides 1.0
+MEMORY_FACTORS = (0.5, 2.0, 4.0, 8.0)  # PM knobs besides 1.0; x8 (3,200 slots, 32 classes per step)
+# gives the obsolescence regime's prototypes a ~100-step life, near the 128-256 steps of the configs/ memory sizes
 
 
 @dataclass(frozen=True)

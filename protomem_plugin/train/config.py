@@ -107,7 +107,7 @@ def get_config(config_file: str | os.PathLike) -> edict:
 def default_samples_per_class(head: str | None) -> int:
     """Images per identity group when the config leaves ``samples_per_class`` unset: 2 for heads that
     learn only from identity groups (PM, QAPM), 1 (arcface_torch's plain shuffling) for the others,
-    which the learning benchmark's tuning chose for the class-centre heads in 7 of 9 regime/head
+    which the learning benchmark's tuning chose for the class-centre heads in 7 of 10 regime/head
     pairs. An unknown head gets 1 here and is refused by validation."""
     from ..registry import DEFAULT_HEAD, available_heads, get_head_class
 

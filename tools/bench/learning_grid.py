@@ -43,8 +43,7 @@ TUNE_SEED = 0
 REPORT_SEEDS = (1, 2, 3)
 CURVE_POINTS = 8
 QUICK_CURVE_POINTS = 2
-SCHEDULE_FACTORS = {"obsolescence": (2, 4)}  # longer schedules run at the chosen settings
-DEFAULT_SCHEDULE_FACTORS = (2,)
+SCHEDULE_FACTORS = (2, 4)  # longer schedules run at the chosen settings, in every regime
 IDENTITY_SWEEP = (1000, 10000)  # besides the regime's own count (obsolescence)
 MEMORY_FACTORS = (0.5, 2.0, 4.0, 8.0)  # PM knobs besides 1.0; x8 (3,200 slots, 32 classes per step)
 # gives the obsolescence regime's prototypes a ~100-step life, near the 128-256 steps of the configs/ memory sizes
@@ -270,9 +269,8 @@ class Planner:
         setting = self.chosen(regime_name, head)
         if setting is None:
             return []
-        factors = SCHEDULE_FACTORS.get(regime_name, DEFAULT_SCHEDULE_FACTORS)
         return [self.spec(regime, head, setting, REPORT_SEEDS[0], regime.epochs * f, self.points, "schedule")
-                for f in factors]
+                for f in SCHEDULE_FACTORS]
 
     def sweep_runs(self, head: str) -> list[RunSpec]:
         base = self.regimes["obsolescence"]
@@ -310,6 +308,8 @@ class Planner:
             ("seeds", "obsolescence", OTHER_HEADS), ("seeds", "ordinary", OTHER_HEADS),
             ("seeds", "quality", ("pm_mining",)), ("seeds", "longtail", OTHER_HEADS),
             ("knobs", "obsolescence", ("pm",)),
+            ("schedule", "ordinary", CORE_HEADS), ("schedule", "longtail", CORE_HEADS),
+            ("schedule", "quality", CORE_HEADS + ("qapm_soft",)),
             ("schedule", "ordinary", every), ("schedule", "quality", every), ("schedule", "longtail", every),
             ("schedule", "obsolescence", OTHER_HEADS),
         ]

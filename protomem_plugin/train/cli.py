@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             return report_error(f"{PROG}: {args.config}", exc, args.verbose)
         print("builds: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         return 0
+    from .runtime import leave_process_group
     from .trainer import train
 
     try:
         summary = train(cfg)
     except ConfigError as exc:
         return report_error(PROG, exc, args.verbose)
+    leave_process_group()
     if summary.get("stopped"):
         print(f"stopped by {summary['stopped']} after {summary['global_step']} steps; the checkpoints are in "
               f"{summary['output']}: continue with --resume")

@@ -58,6 +58,13 @@ def init_runtime(backend: str | None = None) -> Runtime:
     return Runtime(rank, world_size, local_rank, device)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at the end of a finished run, so that no rank exits while the backend's
+    threads still run (a gloo rank could abort at exit: "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def local_device(local_rank: int, visible_gpus: int) -> torch.device:
     """The GPU of this process: ``cuda:LOCAL_RANK`` when it sees all of its node's GPUs,
     ``cuda:0`` when each process sees one (SLURM per-task binding, ``CUDA_VISIBLE_DEVICES`` per

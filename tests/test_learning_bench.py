@@ -245,3 +245,29 @@ def test_the_summary_replaces_only_the_marked_block_of_the_readme(tmp_path):
     (tmp_path / "OTHER.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="OTHER.md"):
         report.splice_readme(tmp_path / "OTHER.md", "| x |\n")
+
+
+def test_the_longest_schedule_runs_only_for_the_core_heads_where_set_and_widens_the_table():
+    grid, report = bench("learning_grid"), bench("learning_report")
+    planner = grid.Planner({})
+    (regime, factor), = grid.LONGEST_SCHEDULE.items()
+    base = planner.regimes[regime].epochs
+    for head in ("full_softmax", "pm_mining"):
+        while (todo := planner.tuning(regime, head)[0]):
+            for spec in todo:
+                planner.cache[spec.key()] = _finished(spec, 1.0 - abs(math.log10(spec.setting.lr) + 2) / 10, 0.5)
+        for spec in planner.seeds(regime, head):
+            planner.cache[spec.key()] = _finished(spec, 0.9, 0.9)
+        for spec in planner.schedule_runs(regime, head):
+            planner.cache[spec.key()] = _finished(spec, spec.epochs / 1000, spec.epochs / 1000)
+    core = [s.epochs for s in planner.schedule_runs(regime, "full_softmax")]
+    other = [s.epochs for s in planner.schedule_runs(regime, "pm_mining")]
+    assert core == [base * f for f in (*grid.SCHEDULE_FACTORS, factor)]
+    assert other == [base * f for f in grid.SCHEDULE_FACTORS]
+    text = report.markdown(report.collect(planner))
+    header = next(line for line in text.splitlines() if line.startswith("| regime | head | epochs"))
+    assert header.count("epochs: test (val)") == len(grid.SCHEDULE_FACTORS) + 2
+    fs_row = next(line for line in text.splitlines() if line.startswith(f"| {regime} | full_softmax | {base}:"))
+    assert f"{base * factor}: {base * factor / 10:.1f}" in fs_row
+    mining_row = next(line for line in text.splitlines() if line.startswith(f"| {regime} | pm_mining | {base}:"))
+    assert mining_row.endswith("|  |")  # one empty cell: it has no longest schedule

@@ -44,6 +44,8 @@ REPORT_SEEDS = (1, 2, 3)
 CURVE_POINTS = 8
 QUICK_CURVE_POINTS = 2
 SCHEDULE_FACTORS = (2, 4)  # longer schedules run at the chosen settings, in every regime
+# where the class-centre heads still rose from 2x to 4x (obsolescence), 8x for the core heads
+LONGEST_SCHEDULE = {"obsolescence": 8}
 IDENTITY_SWEEP = (1000, 10000)  # besides the regime's own count (obsolescence)
 MEMORY_FACTORS = (0.5, 2.0, 4.0, 8.0)  # PM knobs besides 1.0; x8 (3,200 slots, 32 classes per step)
 # gives the obsolescence regime's prototypes a ~100-step life, near the 128-256 steps of the configs/ memory sizes
@@ -269,8 +271,11 @@ class Planner:
         setting = self.chosen(regime_name, head)
         if setting is None:
             return []
+        factors = SCHEDULE_FACTORS
+        if regime_name in LONGEST_SCHEDULE and head in CORE_HEADS:
+            factors += (LONGEST_SCHEDULE[regime_name],)
         return [self.spec(regime, head, setting, REPORT_SEEDS[0], regime.epochs * f, self.points, "schedule")
-                for f in SCHEDULE_FACTORS]
+                for f in factors]
 
     def sweep_runs(self, head: str) -> list[RunSpec]:
         base = self.regimes["obsolescence"]

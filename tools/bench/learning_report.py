@@ -162,12 +162,14 @@ def markdown(report: dict) -> str:
                          [f"| {r['regime']} | {r['head']} | {_cell(*r['cosface'])} | {_cell(*r['adaface'])} | "
                           f"{r['verdict']} |" for r in report["adaface"]])
     if report["schedule"]:
+        width = max(len(row["by_epochs"]) for row in report["schedule"])
         rows = []
         for row in report["schedule"]:
             cells = [f"{e}: {_cell(*v['test tar@0.001'])} ({v['val tar@0.001'][0]:.1f})" for e, v in row["by_epochs"].items()]
-            rows.append(f"| {row['regime']} | {row['head']} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
+            rows.append(f"| {row['regime']} | {row['head']} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
         lines += section("Longer schedules at the chosen settings (test TAR@1e-3; validation in brackets)",
-                         "| regime | head | " + " | ".join(["epochs: test (val)"] * 3) + " |", "|---|---|---|---|---|", rows)
+                         "| regime | head | " + " | ".join(["epochs: test (val)"] * width) + " |",
+                         "|---|---|" + "---|" * width, rows)
     if report["sweep"]:
         lines += section("Identity count (obsolescence regime, 4 images per identity, same epochs)",
                          "| identities | head | test TAR@1e-3 | seeds | head state MB |", "|---:|---|---:|---:|---:|",
